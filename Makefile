@@ -1,0 +1,24 @@
+# The course's two commands (see README):
+#   make course   install (first time) and run every lesson headlessly into runs/<timestamp>/
+#   make test     install (first time) and run the unit tests plus every notebook (nbmake)
+# Extra runner options: make course ARGS="--only 01 03 -p device cpu"
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+
+.PHONY: course test install
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --no-input -r requirements.txt -e .
+	touch $@
+
+course: install
+	$(PY) -m lessons_lib run $(ARGS)
+
+test: install
+	$(PY) -m pytest -n 2

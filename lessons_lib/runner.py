@@ -1,0 +1,254 @@
+"""The course runner: execute every lesson headlessly with papermill and gather the numbers.
+
+    python -m lessons_lib run                      # every lesson, quick defaults
+    python -m lessons_lib run --only 01 03 -p device cpu
+    python -m lessons_lib run --full               # the slow variants (meant for a GPU)
+    python -m lessons_lib list                     # lessons and their parameters
+
+Each run goes to a new folder ``runs/<timestamp>/`` holding the executed notebooks, each lesson's
+``results/<lesson>.json``, and ``summary.json`` / ``summary.md``. Every argument is checked
+before the folder is made, so bad input changes nothing on disk.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import datetime as dt
+import json
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from lessons_lib import course, results, session
+
+# Set by the runner itself; a user asks for them another way.
+RESERVED = {"results_dir": "the runner puts results in the run folder", "quick": "use --full instead"}
+
+
+def _ipc_kernel_manager() -> type:
+    """A Jupyter kernel manager on local IPC sockets instead of TCP: nothing listens on a port,
+    and the kernel has no reason to print its 'running over TCP without encryption' warning."""
+    from jupyter_client.manager import KernelManager
+
+    class _IPC(KernelManager):
+        def __init__(self, **kwargs: Any) -> None:
+            kwargs.setdefault("transport", "ipc")
+            super().__init__(**kwargs)
+
+    return _IPC
+
+
+class UsageError(ValueError):
+    """Bad command-line input, reported before any work starts."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    lessons: list[course.Lesson]
+    overrides: dict[str, Any]
+    full: bool
+    run_dir: Path
+
+
+def parse_value(raw: str, name: str, default: Any) -> Any:
+    """Turn a ``-p NAME VALUE`` string into a value of the type of the notebook's default.
+
+    Raises:
+        UsageError: when the value cannot be that type (e.g. ``-p seed abc``).
+    """
+    if default is None or isinstance(default, str):
+        return raw
+    if isinstance(default, bool):
+        lowered = raw.strip().lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise UsageError(f"parameter {name!r} takes a bool (true/false), got {raw!r}")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    if isinstance(default, int) and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+        return type(default)(value)
+    raise UsageError(f"parameter {name!r} takes a {type(default).__name__} (default {default!r}), got {raw!r}")
+
+
+def select(lessons: list[course.Lesson], only: Sequence[str] | None) -> list[course.Lesson]:
+    """The lessons named by ``--only`` (numbers like ``03`` or stems), in course order."""
+    if not only:
+        return lessons
+    by_key = {l.number: l for l in lessons} | {l.stem: l for l in lessons}
+    unknown = [o for o in only if o.zfill(2) not in by_key and o not in by_key]
+    if unknown:
+        listing = ", ".join(f"{l.number} ({l.stem})" for l in lessons)
+        raise UsageError(f"--only: unknown lesson(s) {unknown}; accepted: {listing}")
+    wanted = {(by_key.get(o) or by_key[o.zfill(2)]).stem for o in only}
+    return [l for l in lessons if l.stem in wanted]
+
+
+def check_overrides(lessons: list[course.Lesson], pairs: Sequence[Sequence[str]]) -> dict[str, str]:
+    """Check every ``-p NAME VALUE`` against the selected lessons; return the raw strings by name."""
+    known: dict[str, Any] = {}
+    for lesson in lessons:
+        for name, default in lesson.parameters.items():
+            known.setdefault(name, default)
+    raw: dict[str, str] = {}
+    for name, value in pairs:
+        if name in RESERVED:
+            raise UsageError(f"-p {name}: set by the runner ({RESERVED[name]})")
+        if name not in known:
+            accepted = ", ".join(sorted(n for n in known if n not in RESERVED))
+            raise UsageError(f"-p {name}: no selected lesson has this parameter; accepted: {accepted}")
+        for lesson in lessons:  # type-check against every lesson that has it
+            if name in lesson.parameters:
+                parse_value(value, name, lesson.parameters[name])
+        raw[name] = value
+    return raw
+
+
+def check_device(lessons: list[course.Lesson], raw: dict[str, str]) -> None:
+    """Fail early when a lesson would ask for a device this machine does not have."""
+    for lesson in lessons:
+        device = raw.get("device", lesson.parameters.get("device", "auto"))
+        try:
+            session.pick_device(device)
+        except ValueError as err:
+            raise UsageError(f"-p device: {err}") from None
+
+
+def new_run_dir(runs_dir: Path) -> Path:
+    """A fresh, never-used folder ``runs_dir/YYYYmmdd-HHMMSS[-N]``."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for i in range(1000):
+        candidate = runs_dir / (stamp if i == 0 else f"{stamp}-{i}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not make a new run folder under {runs_dir}")
+
+
+def run_lesson(lesson: course.Lesson, plan: Plan, kernel: str | None, timeout: int | None) -> dict[str, Any]:
+    """Execute one notebook with papermill; never raises for a failing notebook."""
+    import papermill
+
+    params = {n: parse_value(v, n, lesson.parameters[n]) for n, v in plan.overrides.items() if n in lesson.parameters}
+    params |= {"quick": not plan.full, "results_dir": str(plan.run_dir / "results")}
+    output = plan.run_dir / lesson.path.name
+    start = time.perf_counter()
+    status, error = "ok", None
+    try:
+        papermill.execute_notebook(
+            str(lesson.path), str(output), parameters=params, cwd=str(lesson.path.parent),
+            kernel_name=kernel, progress_bar=False, execution_timeout=timeout,
+            kernel_manager_class=_ipc_kernel_manager(),
+        )
+    except Exception as err:  # a failing lesson is reported, the rest still run
+        status, error = "failed", "".join(traceback.format_exception_only(type(err), err)).strip()[-2000:]
+    seconds = time.perf_counter() - start
+    result_file = plan.run_dir / "results" / f"{lesson.stem}.json"
+    record = results.load(result_file) if result_file.exists() else None
+    if status == "ok" and record is None:
+        status, error = "failed", f"ran, but wrote no {result_file.name}"
+    return {
+        "status": status, "seconds": round(seconds, 1), "error": error, "notebook": output.name,
+        "title": lesson.title, "parameters": params,
+        "device": record["device"] if record else None,
+        "metrics": record["metrics"] if record else {},
+    }
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    lines = [f"# Course run {run_dir.name}", "",
+             f"Mode: {'full' if summary['full'] else 'quick'}; overrides: {summary['overrides'] or 'none'}; "
+             f"wall time {summary['seconds']:.0f} s.", "",
+             "| lesson | status | seconds | device |", "|---|---|---|---|"]
+    for stem, r in summary["lessons"].items():
+        lines.append(f"| {stem} | {r['status']} | {r['seconds']:.0f} | {r['device'] or '-'} |")
+    for stem, r in summary["lessons"].items():
+        lines += ["", f"## {stem}: {r['title']}", ""]
+        if r["error"]:
+            lines += ["```", r["error"], "```", ""]
+        if r["metrics"]:
+            lines += ["| metric | value |", "|---|---|"]
+            lines += [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in r["metrics"].items()]
+    (run_dir / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def plan_run(args: argparse.Namespace) -> Plan:
+    """Validate everything; only then make the run folder."""
+    lessons = course.discover(args.notebooks)
+    if not lessons:
+        raise UsageError(f"--notebooks: no NN_topic.ipynb lessons in {args.notebooks}")
+    chosen = select(lessons, args.only)
+    overrides = check_overrides(chosen, args.p or [])
+    check_device(chosen, overrides)
+    return Plan(chosen, overrides, args.full, new_run_dir(Path(args.runs_dir)))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    plan = plan_run(args)
+    print(f"Run folder: {plan.run_dir}", flush=True)
+    started, t0 = dt.datetime.now().isoformat(timespec="seconds"), time.perf_counter()
+    report: dict[str, Any] = {}
+    bar = tqdm(plan.lessons, unit="lesson", file=sys.stdout)
+    for lesson in bar:
+        bar.set_description(lesson.stem)
+        report[lesson.stem] = run_lesson(lesson, plan, args.kernel, args.timeout)
+        if report[lesson.stem]["status"] != "ok":
+            bar.write(f"FAILED {lesson.stem}: {report[lesson.stem]['error']}")
+    summary = {"run": plan.run_dir.name, "started": started, "seconds": round(time.perf_counter() - t0, 1),
+               "full": plan.full, "overrides": plan.overrides, "lessons": report}
+    write_summary(plan.run_dir, summary)
+    failed = [s for s, r in report.items() if r["status"] != "ok"]
+    print(f"{len(report) - len(failed)} passed, {len(failed)} failed; summary: {plan.run_dir / 'summary.md'}")
+    return 1 if failed else 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    for lesson in course.discover(args.notebooks):
+        params = ", ".join(f"{k}={v!r}" for k, v in lesson.parameters.items())
+        print(f"{lesson.number}  {lesson.stem}: {lesson.title}\n      {params}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lessons_lib", description="Run the compression course headlessly.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="execute lessons with papermill into a new runs/<timestamp>/ folder")
+    run.add_argument("--only", nargs="+", metavar="NN", help="lesson numbers (e.g. 00 03) or notebook stems")
+    run.add_argument("--full", action="store_true", help="run the slow variants (quick=False); meant for a GPU")
+    run.add_argument("-p", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                     help="set a parameter in every selected lesson that has it (repeatable)")
+    run.add_argument("--runs-dir", default=str(course.repo_root() / "runs"), help="parent of run folders")
+    run.add_argument("--notebooks", default=str(course.default_notebooks_dir()), help="folder of NN_topic.ipynb")
+    run.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's)")
+    run.add_argument("--timeout", type=int, default=None, help="seconds allowed per cell")
+    run.set_defaults(func=cmd_run)
+    lst = sub.add_parser("list", help="list lessons and their parameters")
+    lst.add_argument("--notebooks", default=str(course.default_notebooks_dir()))
+    lst.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as err:
+        parser.error(str(err))  # exits with status 2 and the message
+    return 2

@@ -1,0 +1,111 @@
+"""The house rules every lesson notebook follows (see ../shared/STYLE.md and the README)."""
+import ast
+import re
+
+import nbformat
+import pytest
+
+from lessons_lib import course
+
+NOTEBOOKS = sorted(course.default_notebooks_dir().glob("*.ipynb"))
+
+
+def test_the_course_has_lessons():
+    assert NOTEBOOKS, "no notebooks found: these checks would pass vacuously"
+    assert NOTEBOOKS[0].name == "00_orientation.ipynb"
+
+
+@pytest.fixture(params=NOTEBOOKS, ids=lambda p: p.name)
+def notebook(request):
+    return request.param, nbformat.read(request.param, as_version=4)
+
+
+def _code(nb):
+    return [c for c in nb.cells if c.cell_type == "code"]
+
+
+def test_file_name_is_NN_topic(notebook):
+    path, _ = notebook
+    assert course.LESSON_FILE_RE.match(path.name), f"{path.name}: want NN_topic.ipynb (two digits, snake_case)"
+
+
+def test_first_cell_is_a_markdown_title(notebook):
+    path, nb = notebook
+    assert nb.cells[0].cell_type == "markdown"
+    assert nb.cells[0].source.startswith("# "), f"{path.name}: first cell must start with a '# Title'"
+
+
+def test_one_parameters_cell_of_literals_with_the_required_names(notebook):
+    path, nb = notebook
+    cell = course.parameters_cell(nb)  # exactly one, or ValueError
+    assert _code(nb)[0] is cell, "the parameters cell must be the first code cell"
+    params = course.read_parameters(nb)  # literals only, or ValueError
+    missing = [p for p in course.REQUIRED_PARAMETERS if p not in params]
+    assert not missing, f"{path.name}: parameters cell lacks {missing}"
+    assert params["quick"] is True, "the default must be the quick variant"
+    assert params["device"] == "auto"
+    assert isinstance(params["seed"], int) and isinstance(params["results_dir"], str)
+    for line in cell.source.splitlines():
+        assert "#" in line, f"{path.name}: every parameter needs a comment: {line!r}"
+
+
+def test_outputs_are_cleared(notebook):
+    path, nb = notebook
+    for cell in _code(nb):
+        assert not cell.outputs and cell.execution_count is None, f"{path.name}: commit with outputs cleared"
+
+
+def test_colab_cell_follows_the_parameters_and_is_the_canonical_one(notebook):
+    path, nb = notebook
+    code = _code(nb)
+    colab = [c for c in code if c.source.startswith(course.COLAB_MARKER)]
+    assert len(colab) == 1, f"{path.name}: needs exactly one Colab set-up cell"
+    assert code[1] is colab[0], "the Colab cell comes right after the parameters cell"
+    assert colab[0].source == course.colab_cell_source(), "regenerate it from course.colab_cell_source()"
+
+
+def test_library_is_imported_by_module_and_nothing_installs_outside_colab(notebook):
+    path, nb = notebook
+    imports_lessons_lib = False
+    for cell in _code(nb):
+        src = cell.source
+        is_colab = src.startswith(course.COLAB_MARKER)
+        assert not re.search(r"^\s*[!%]\s*pip", src, re.M), f"{path.name}: no !pip / %pip"
+        assert is_colab or "pip install" not in src, f"{path.name}: installs only in the Colab cell"
+        assert "sys.path" not in src, f"{path.name}: no sys.path edits"
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lessons_lib"):
+                assert node.module == "lessons_lib", f"{path.name}: import modules, not names: from {node.module} import ..."
+                assert all(a.name != "*" for a in node.names), f"{path.name}: no import *"
+                imports_lessons_lib = True
+            if isinstance(node, ast.ImportFrom):
+                assert all(a.name != "*" for a in node.names), f"{path.name}: no import *"
+    assert imports_lessons_lib, f"{path.name}: use lessons_lib (from lessons_lib import module)"
+
+
+def test_lesson_records_its_results_under_its_own_name(notebook):
+    path, nb = notebook
+    src = "\n".join(c.source for c in _code(nb))
+    assert f'LESSON = "{path.stem}"' in src, f"{path.name}: set LESSON = \"{path.stem}\""
+    assert "results.record(" in src and "results_dir=results_dir" in src
+
+
+def test_lesson_asserts_what_it_teaches(notebook):
+    path, nb = notebook
+    asserts = sum(isinstance(n, ast.Assert) for c in _code(nb) for n in ast.walk(ast.parse(c.source)))
+    assert asserts >= 2, f"{path.name}: a lesson asserts its claims (found {asserts} assert statements)"
+
+
+def test_readme_lists_every_lesson_and_uses_the_configured_repository():
+    readme = (course.repo_root() / "README.md").read_text()
+    for path in NOTEBOOKS:
+        assert f"(notebooks/{path.name})" in readme, f"README's lesson table lacks {path.name}"
+    slug = course.REPO_URL.removeprefix("https://github.com/")
+    badges = re.findall(r"(?:mybinder\.org/v2/gh|colab\.research\.google\.com/github)/([^/]+/[^/]+)/", readme)
+    assert badges and all(b == slug for b in badges), f"badges must point at {course.REPO_URL}"
+
+
+def test_makefile_test_target_is_what_ci_runs():
+    ci = (course.repo_root() / ".ci" / "run").read_text()
+    readme = (course.repo_root() / "README.md").read_text()
+    assert "make test" in readme and ci.strip().splitlines()[-1] == "make test"
