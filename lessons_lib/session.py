@@ -29,19 +29,19 @@ _KNOWN_NOISE = (
 )
 # Loggers that report missing optional CUDA kernels when torchao is imported on a CPU machine.
 _NOISY_LOGGERS = ("torchao", "torchao.kernel", "torchao.quantization")
-# Single log lines from torch itself, triggered by torchao's import (logger name, message start).
-_NOISY_LOG_LINES = (("torch.utils._pytree", "<enum 'ScaleCalculationMode'> is an Enum subclass"),)
+# Log lines from torch itself, one per enum torchao registers on import (logger, message part).
+_NOISY_LOG_LINES = (("torch.utils._pytree", "is an Enum subclass and is now natively supported by torch.compile"),)
 
 
 class _DropMessages(logging.Filter):
-    """Drop log records whose message starts with a known prefix; keep every other record."""
+    """Drop log records whose message contains a known text; keep every other record."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, text: str) -> None:
         super().__init__()
-        self.prefix = prefix
+        self.text = text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefix)
+        return self.text not in record.getMessage()
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -96,10 +96,10 @@ def silence_known_noise() -> None:
         warnings.filterwarnings("ignore", message=pattern, category=category)
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
-    for name, prefix in _NOISY_LOG_LINES:
+    for name, text in _NOISY_LOG_LINES:
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropMessages) and f.prefix == prefix for f in logger.filters):
-            logger.addFilter(_DropMessages(prefix))
+        if not any(isinstance(f, _DropMessages) and f.text == text for f in logger.filters):
+            logger.addFilter(_DropMessages(text))
 
 
 @contextlib.contextmanager

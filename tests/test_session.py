@@ -60,7 +60,8 @@ def test_known_log_line_is_dropped_and_others_kept(caplog):
     session.silence_known_noise()
     logger = logging.getLogger("torch.utils._pytree")
     with caplog.at_level(logging.WARNING, logger="torch.utils._pytree"):
-        logger.warning("<enum 'ScaleCalculationMode'> is an Enum subclass and is now natively supported")
+        logger.warning("<enum 'ScaleCalculationMode'> is an Enum subclass and is now natively supported by torch.compile as an opaque value type.")
+        logger.warning("<enum 'KernelPreference'> is an Enum subclass and is now natively supported by torch.compile as an opaque value type.")
         logger.warning("a different pytree warning")
     assert [r.getMessage() for r in caplog.records] == ["a different pytree warning"]
 
