@@ -1,0 +1,168 @@
+"""Real low-bit storage: integer codes packed into bytes, and a Linear that unpacks on the fly.
+
+``bits``-bit codes are packed as a little-endian bit stream along each row: 4-bit codes two per
+byte (low nibble first), 3-bit codes eight per three bytes, 2-bit codes four per byte. Each group
+of ``group_size`` inputs of each output row keeps a float16 scale and a uint8 zero point, as in
+the GPTQ checkpoint formats (scales are stored in FP16 there too). A model saved with
+:func:`save_packed` takes on disk what it takes in memory: the size you measure is the real one.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lessons_lib import gptq
+
+QUANT_FILE = "quantization.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack codes (rows, cols) in [0, 2^bits) into uint8 (rows, ceil(cols * bits / 8)).
+
+    >>> pack_bits(torch.tensor([[1, 2, 15]], dtype=torch.uint8), 4).tolist()  # 0x21, 0x0F
+    [[33, 15]]
+    """
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be 2-D (rows, cols), got shape {tuple(codes.shape)}")
+    if codes.numel() and int(codes.max()) >= 2**bits:
+        raise ValueError(f"codes must lie in [0, {2**bits - 1}] for bits={bits}")
+    rows, cols = codes.shape
+    shifts = torch.arange(bits, dtype=torch.int64)
+    stream = ((codes.to(torch.int64).unsqueeze(-1) >> shifts) & 1).reshape(rows, cols * bits)  # (rows, cols*bits)
+    n_bytes = math.ceil(cols * bits / 8)
+    stream = F.pad(stream, (0, n_bytes * 8 - cols * bits)).reshape(rows, n_bytes, 8)  # (rows, n_bytes, 8)
+    return (stream << torch.arange(8, dtype=torch.int64)).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: uint8 (rows, n_bytes) -> codes uint8 (rows, cols)."""
+    rows = packed.shape[0]
+    stream = ((packed.to(torch.int64).unsqueeze(-1) >> torch.arange(8, dtype=torch.int64)) & 1).reshape(rows, -1)
+    stream = stream[:, : cols * bits].reshape(rows, cols, bits)  # (rows, cols, bits)
+    return (stream << torch.arange(bits, dtype=torch.int64)).sum(-1).to(torch.uint8)
+
+
+class PackedLinear(nn.Module):
+    """A Linear layer whose weight is stored as packed ``bits``-bit codes with group scales.
+
+    Buffers: ``qweight`` uint8 (out, ceil(in * bits / 8)), ``scale`` float16 (out, n_groups),
+    ``zero`` uint8 (out, n_groups), optional ``bias`` float32 (out,). The forward pass unpacks and
+    dequantizes the whole weight, then multiplies: simple and exact, but not fast (fast kernels
+    fuse the unpacking into the matmul; see the lesson's GPU section).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None, bias: bool) -> None:
+        super().__init__()
+        gptq.GPTQConfig(bits=bits, group_size=group_size).check_width(in_features)
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        n_groups = in_features // group_size if group_size else 1
+        self.register_buffer("qweight", torch.zeros(out_features, math.ceil(in_features * bits / 8), dtype=torch.uint8))
+        self.register_buffer("scale", torch.zeros(out_features, n_groups, dtype=torch.float16))
+        self.register_buffer("zero", torch.zeros(out_features, n_groups, dtype=torch.uint8))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_quantized(cls, linear: nn.Linear, qw: gptq.QuantizedWeight) -> "PackedLinear":
+        layer = cls(linear.in_features, linear.out_features, qw.bits, qw.group_size, linear.bias is not None)
+        layer.qweight.copy_(pack_bits(qw.qweight, qw.bits))
+        layer.scale.copy_(qw.scale.to(torch.float16))
+        layer.zero.copy_(qw.zero.to(torch.uint8))
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias.detach().float())
+        return layer
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight the layer computes with, float32 (out, in)."""
+        codes = unpack_bits(self.qweight, self.bits, self.in_features)
+        return gptq.dequantize_codes(codes, self.scale, self.zero, self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def pack_model_(model: nn.Module, quantized: dict[str, gptq.QuantizedWeight]) -> nn.Module:
+    """Replace each named Linear by a :class:`PackedLinear` holding its quantized weight."""
+    for name, qw in quantized.items():
+        linear = model.get_submodule(name)
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"{name} is a {type(linear).__name__}, not an nn.Linear")
+        _set_module(model, name, PackedLinear.from_quantized(linear, qw))
+    return model
+
+
+def save_packed(model: nn.Module, folder: str | Path) -> Path:
+    """Save a packed Hugging Face model: its config, ``quantization.json`` and the tensors."""
+    from safetensors.torch import save_model
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    packed = {n: {"in": m.in_features, "out": m.out_features, "bits": m.bits, "group_size": m.group_size,
+                  "bias": m.bias is not None} for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+    (folder / QUANT_FILE).write_text(json.dumps({"format": "lessons_lib.packing", "modules": packed}, indent=1))
+    save_model(model, str(folder / WEIGHTS_FILE))  # tied weights are stored once
+    return folder
+
+
+def load_packed(folder: str | Path) -> nn.Module:
+    """Rebuild a model saved by :func:`save_packed` (architecture from its config), in eval mode."""
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    spec = json.loads((folder / QUANT_FILE).read_text())["modules"]
+    for name, s in spec.items():
+        _set_module(model, name, PackedLinear(s["in"], s["out"], s["bits"], s["group_size"], s["bias"]))
+    load_model(model, str(folder / WEIGHTS_FILE))
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- fused int4 kernels
+def tinygemm_weight(qw: gptq.QuantizedWeight, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Convert a 4-bit :class:`gptq.QuantizedWeight` to the layout of PyTorch's int4 "tinygemm"
+    kernel (``torch._weight_int4pack_mm``), which unpacks inside the matmul.
+
+    tinygemm computes w = (q - 8) * scale + zero_float per group, so our integer zero point z maps
+    to zero_float = scale * (8 - z). On CUDA the kernel takes codes packed two per byte (even
+    column in the high nibble) and needs an input width that is a multiple of 1024 / inner tiles;
+    on CPU it takes the unpacked int32 codes.
+
+    Returns:
+        (packed weight, scales_and_zeros bfloat16 (n_groups, out, 2)) on ``device``.
+    """
+    if qw.bits != 4 or qw.group_size is None:
+        raise ValueError(f"tinygemm needs 4-bit weights with groups (e.g. group_size=128), got bits={qw.bits}, group_size={qw.group_size}")
+    device = torch.device(device)
+    scale = qw.scale.float()  # (out, n_groups)
+    zero_float = scale * (8 - qw.zero.float())  # (out, n_groups)
+    scales_and_zeros = torch.stack([scale, zero_float], dim=-1).transpose(0, 1).contiguous()  # (n_groups, out, 2)
+    codes = qw.qweight.to(torch.int32)  # (out, in)
+    if device.type == "cuda":
+        nibbles = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8).to(device)  # (out, in / 2)
+        packed = torch._convert_weight_to_int4pack(nibbles, 8)
+    else:
+        packed = torch._convert_weight_to_int4pack_for_cpu(codes, 8)
+    return packed, scales_and_zeros.to(device=device, dtype=torch.bfloat16)
+
+
+def tinygemm_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """y = x W^T with W in tinygemm layout; x (m, in) bfloat16 -> y (m, out) bfloat16."""
+    if x.is_cuda:
+        return torch._weight_int4pack_mm(x, packed, group_size, scales_and_zeros)
+    return torch._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)

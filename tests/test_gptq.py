@@ -1,0 +1,179 @@
+"""GPTQ against its defining properties, and packed storage against exact round trips."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lessons_lib import gptq, packing
+
+
+def _correlated(n=3000, d=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g) @ torch.randn(d, d, generator=g)  # (n, d), correlated columns
+
+
+def _output_error(X, W, Q):
+    return float(((X @ (W - Q).T) ** 2).sum())
+
+
+def test_incremental_hessian_equals_the_batch_one():
+    X = _correlated(n=1000, d=16).double()
+    acc = gptq.HessianAccumulator(16)
+    for chunk in (X[:1], X[1:300], X[300:].reshape(7, 100, 16)):  # any leading shape
+        acc.add(chunk)
+    torch.testing.assert_close(acc.H, 2 * X.T @ X / len(X))
+    assert acc.n == 1000
+
+
+CONFIGS = [gptq.GPTQConfig(bits=4), gptq.GPTQConfig(bits=3, group_size=16), gptq.GPTQConfig(bits=4, group_size=16, act_order=True),
+           gptq.GPTQConfig(bits=2, act_order=True), gptq.GPTQConfig(bits=4, symmetric=True, group_size=32)]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_with_a_diagonal_hessian_gptq_is_rtn(config):
+    W = torch.randn(24, 64, generator=torch.Generator().manual_seed(1))
+    H = torch.diag(torch.rand(64, generator=torch.Generator().manual_seed(2)) + 0.1)
+    assert torch.equal(gptq.gptq(W, H, config).qweight, gptq.rtn(W, config).qweight)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_gptq_beats_rtn_on_correlated_inputs(config):
+    X = _correlated()
+    W = torch.randn(32, 64, generator=torch.Generator().manual_seed(3))
+    acc = gptq.HessianAccumulator(64)
+    acc.add(X)
+    g, r = gptq.gptq(W, acc.H, config).dequantize(), gptq.rtn(W, config).dequantize()
+    assert _output_error(X, W, g) < 0.8 * _output_error(X, W, r)
+
+
+def test_lazy_blocks_do_not_change_the_result():
+    X, W = _correlated(), torch.randn(16, 64, generator=torch.Generator().manual_seed(4))
+    acc = gptq.HessianAccumulator(64)
+    acc.add(X)
+    a = gptq.gptq(W, acc.H, gptq.GPTQConfig(bits=4, block_size=64)).dequantize()
+    b = gptq.gptq(W, acc.H, gptq.GPTQConfig(bits=4, block_size=5)).dequantize()
+    assert (a == b).float().mean() > 0.99  # identical up to float rounding ties
+    assert _output_error(X, W, b) == pytest.approx(_output_error(X, W, a), rel=1e-3)
+
+
+def test_codes_respect_bits_and_groups():
+    X, W = _correlated(), torch.randn(8, 64, generator=torch.Generator().manual_seed(5))
+    acc = gptq.HessianAccumulator(64)
+    acc.add(X)
+    qw = gptq.gptq(W, acc.H, gptq.GPTQConfig(bits=3, group_size=16, act_order=True))
+    assert qw.qweight.dtype == torch.uint8 and int(qw.qweight.max()) <= 7
+    assert qw.scale.shape == (8, 4) and qw.zero.shape == (8, 4)
+    Q = qw.dequantize()
+    for g in range(4):  # each (row, group) holds at most 8 distinct values
+        assert all(len(torch.unique(row)) <= 8 for row in Q[:, 16 * g : 16 * (g + 1)])
+
+
+def test_dead_inputs_get_zero_weight():
+    X = _correlated(d=16)
+    X[:, 3] = 0  # an input that is never active
+    acc = gptq.HessianAccumulator(16)
+    acc.add(X)
+    Q = gptq.gptq(torch.randn(4, 16), acc.H, gptq.GPTQConfig(bits=4)).dequantize()
+    assert torch.isfinite(Q).all() and torch.equal(Q[:, 3], torch.zeros(4))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_pack_unpack_round_trips(bits):
+    codes = torch.randint(0, 2**bits, (5, 37), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
+    packed = packing.pack_bits(codes, bits)
+    assert packed.shape == (5, -(-37 * bits // 8))
+    assert torch.equal(packing.unpack_bits(packed, bits, 37), codes)
+
+
+def test_int4_layout_is_two_per_byte_low_nibble_first():
+    codes = torch.tensor([[1, 2, 15, 0]], dtype=torch.uint8)
+    assert packing.pack_bits(codes, 4).tolist() == [[0x21, 0x0F]]
+
+
+def test_packed_linear_equals_the_dequantized_matmul():
+    linear = nn.Linear(64, 8)
+    qw = gptq.rtn(linear.weight, gptq.GPTQConfig(bits=4, group_size=32))
+    layer = packing.PackedLinear.from_quantized(linear, qw)
+    x = torch.randn(3, 64)
+    W_hat = gptq.dequantize_codes(qw.qweight, qw.scale.half(), qw.zero, 32)  # scales are stored in FP16
+    torch.testing.assert_close(layer(x), F.linear(x, W_hat, linear.bias), rtol=0, atol=0)
+    torch.testing.assert_close(layer.dequantized_weight(), qw.dequantize(), rtol=2e-3, atol=1e-4)
+    packed_bytes = sum(b.numel() * b.element_size() for b in layer.buffers())
+    assert packed_bytes == 8 * 32 + 8 * 2 * 2 + 8 * 2 + 8 * 4  # codes + fp16 scales + uint8 zeros + fp32 bias
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, max_position_embeddings=32, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_model_driver_quantizes_every_block_linear_and_packs_and_reloads(tmp_path):
+    model = _tiny_llama()
+    calibration = torch.randint(0, 64, (6, 16), generator=torch.Generator().manual_seed(0))
+    results = gptq.quantize_model_(model, calibration, gptq.GPTQConfig(bits=4, group_size=16), batch_size=4)
+    assert len(results) == 2 * 7  # q, k, v, o, gate, up, down per block
+    assert "lm_head" not in results and all(n.startswith("model.layers.") for n in results)
+    for name, qw in results.items():
+        torch.testing.assert_close(model.get_submodule(name).weight, qw.dequantize())
+    packing.pack_model_(model, results)
+    ids = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        logits = model(ids).logits
+    packing.save_packed(model, tmp_path / "packed")
+    reloaded = packing.load_packed(tmp_path / "packed")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, logits, rtol=0, atol=0)
+
+
+def test_sequential_driver_matches_quantizing_the_first_block_by_hand():
+    model = _tiny_llama()
+    calibration = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+    q_proj = model.model.layers[0].self_attn.q_proj
+    acc = gptq.HessianAccumulator(32)
+    hook = q_proj.register_forward_hook(lambda m, inp, out: acc.add(inp[0]))
+    with torch.no_grad():
+        model(calibration, use_cache=False)
+    hook.remove()
+    expected = gptq.gptq(q_proj.weight, acc.H, gptq.GPTQConfig(bits=3)).qweight
+    results = gptq.quantize_model_(model, calibration, gptq.GPTQConfig(bits=3))
+    assert torch.equal(results["model.layers.0.self_attn.q_proj"].qweight, expected)
+
+
+@pytest.mark.parametrize("kwargs,match", [({"bits": 5}, r"bits must be one of \(2, 3, 4, 8\)"),
+                                          ({"group_size": 0}, "group_size must be None"),
+                                          ({"damp_ratio": 1.5}, "damp_ratio")])
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        gptq.GPTQConfig(**kwargs)
+
+
+def test_bad_inputs_to_the_driver():
+    model = _tiny_llama()
+    calibration = torch.randint(0, 64, (2, 8))
+    with pytest.raises(ValueError, match="group_size=24 must divide the input width 32"):
+        gptq.quantize_model_(model, calibration, gptq.GPTQConfig(group_size=24))
+    with pytest.raises(ValueError, match="needs calibration data"):
+        gptq.quantize_model_(model, torch.zeros(0, 8, dtype=torch.long), gptq.GPTQConfig())
+    with pytest.raises(ValueError, match="no decoder layers"):
+        gptq.quantize_model_(nn.Sequential(nn.Linear(4, 4)), calibration, gptq.GPTQConfig())
+    for block in model.model.layers:  # a model whose blocks hold no nn.Linear
+        for name, child in list(block.named_children()):
+            setattr(block, name, nn.Identity())
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        gptq.quantize_model_(model, calibration, gptq.GPTQConfig())
+
+
+def test_tinygemm_layout_matches_our_dequantization_on_cpu():
+    W = torch.randn(64, 256, generator=torch.Generator().manual_seed(7))
+    qw = gptq.rtn(W, gptq.GPTQConfig(bits=4, group_size=64))
+    packed, sz = packing.tinygemm_weight(qw, "cpu")
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(8)).bfloat16()
+    y = packing.tinygemm_linear(x, packed, sz, 64).float()
+    reference = x.float() @ qw.dequantize().T
+    torch.testing.assert_close(y, reference, rtol=0.02, atol=0.05 * float(reference.abs().max()) / 10)
+    with pytest.raises(ValueError, match="4-bit weights with groups"):
+        packing.tinygemm_weight(gptq.rtn(W, gptq.GPTQConfig(bits=3, group_size=64)), "cpu")
