@@ -111,16 +111,17 @@ class HessianAccumulator:
     """H = 2 X^T X / N over every input row seen so far, updated one batch at a time.
 
     The running form H <- H * n / (n + m) + 2 X_m^T X_m / (n + m) equals the batch computation on
-    all N rows at once (checked in the tests); it never stores X.
+    all N rows at once (checked in the tests); it never stores X. ``dtype`` float32 (the
+    reference implementation's choice) is fast; float64 is for exact checks.
     """
 
-    def __init__(self, in_features: int) -> None:
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float64)
+    def __init__(self, in_features: int, dtype: torch.dtype = torch.float32) -> None:
+        self.H = torch.zeros(in_features, in_features, dtype=dtype)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
         """Add inputs x (..., in_features), e.g. (B, T, C) activations entering a Linear."""
-        x = x.detach().reshape(-1, self.H.shape[0]).to(torch.float64)  # (m, C)
+        x = x.detach().reshape(-1, self.H.shape[0]).to(self.H.dtype)  # (m, C)
         m = x.shape[0]
         self.H *= self.n / (self.n + m)
         self.n += m
@@ -246,6 +247,20 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
                      "such as Llama, Mistral, Qwen, OPT or Pythia")
 
 
+def fitting_group_size(model: nn.Module, largest: int) -> int:
+    """The largest power of two <= ``largest`` that divides the input width of every block Linear.
+
+    A model whose MLP is 448 wide cannot use groups of 128; this returns 64 for it.
+    """
+    widths = {m.in_features for block in decoder_layers(model) for m in block.modules() if isinstance(m, nn.Linear)}
+    if not widths:
+        raise ValueError("the decoder blocks contain no nn.Linear layers to quantize")
+    size = 1 << (max(1, largest).bit_length() - 1)
+    while any(w % size for w in widths):
+        size //= 2
+    return size
+
+
 class _Captured(Exception):
     """Raised by the hook that records the first block's inputs, to stop the forward pass."""
 
@@ -274,6 +289,40 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
     if args:
         return (hidden, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": hidden}
+
+
+def _block_hessians(block: nn.Module, group: dict[str, nn.Linear], inputs: list) -> dict[str, torch.Tensor]:
+    """The Hessian of every Linear in ``block`` from its calibration inputs.
+
+    Linears that read the same tensor (q/k/v, gate/up) share one accumulator: a first forward
+    pass finds which ones do.
+    """
+    first_input: dict[str, int] = {}
+
+    def remember(name: str):
+        def hook(module: nn.Module, inp: tuple, out: torch.Tensor) -> None:  # returns None: output unchanged
+            first_input.setdefault(name, inp[0].data_ptr())
+        return hook
+
+    hooks = [m.register_forward_hook(remember(n)) for n, m in group.items()]
+    try:
+        args, kwargs = inputs[0]
+        block(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    owner = {}  # input tensor -> the first Linear that reads it
+    for name, ptr in first_input.items():
+        owner.setdefault(ptr, name)
+    acc = {name: HessianAccumulator(group[name].in_features) for name in set(owner.values())}
+    hooks = [group[n].register_forward_hook(lambda mod, inp, out, n=n: acc[n].add(inp[0])) for n in acc]
+    try:
+        for args, kwargs in inputs:
+            block(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: acc[owner[first_input[name]]].H for name in group}
 
 
 @torch.no_grad()
@@ -320,16 +369,9 @@ def quantize_model_(
     results: dict[str, QuantizedWeight] = {}
     for block, group in tqdm(list(zip(blocks, linears)), desc=method, disable=not progress):
         if method == "gptq":
-            acc = {n: HessianAccumulator(m.in_features) for n, m in group.items()}
-            hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: acc[n].add(inp[0])) for n, m in group.items()]
-            try:
-                for args, kwargs in inputs:
-                    block(*args, **kwargs)
-            finally:
-                for h in hooks:
-                    h.remove()
+            H = _block_hessians(block, group, inputs)
         for name, m in group.items():
-            qw = gptq(m.weight, acc[name].H, config) if method == "gptq" else rtn(m.weight, config)
+            qw = gptq(m.weight, H[name], config) if method == "gptq" else rtn(m.weight, config)
             m.weight.copy_(qw.dequantize().to(m.weight.dtype))
             results[name] = qw
         if method == "gptq":  # the next block sees this block's quantized outputs

@@ -18,7 +18,7 @@ def _output_error(X, W, Q):
 
 def test_incremental_hessian_equals_the_batch_one():
     X = _correlated(n=1000, d=16).double()
-    acc = gptq.HessianAccumulator(16)
+    acc = gptq.HessianAccumulator(16, dtype=torch.float64)
     for chunk in (X[:1], X[1:300], X[300:].reshape(7, 100, 16)):  # any leading shape
         acc.add(chunk)
     torch.testing.assert_close(acc.H, 2 * X.T @ X / len(X))
@@ -177,3 +177,23 @@ def test_tinygemm_layout_matches_our_dequantization_on_cpu():
     torch.testing.assert_close(y, reference, rtol=0.02, atol=0.05 * float(reference.abs().max()) / 10)
     with pytest.raises(ValueError, match="4-bit weights with groups"):
         packing.tinygemm_weight(gptq.rtn(W, gptq.GPTQConfig(bits=3, group_size=64)), "cpu")
+
+
+def test_fitting_group_size():
+    model = _tiny_llama()  # input widths 32 (attention, gate/up) and 64 (down)
+    assert gptq.fitting_group_size(model, 128) == 32
+    assert gptq.fitting_group_size(model, 20) == 16
+    model.model.layers[0].mlp.down_proj = nn.Linear(48, 32)
+    assert gptq.fitting_group_size(model, 128) == 16
+
+
+def test_linears_reading_the_same_input_share_one_hessian():
+    model = _tiny_llama()
+    block = model.model.layers[0]
+    group = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    calibration = torch.randint(0, 64, (2, 8))
+    inputs = gptq._first_block_inputs(model, block, calibration, batch_size=2)
+    H = gptq._block_hessians(block, group, inputs)
+    assert H["self_attn.q_proj"] is H["self_attn.k_proj"] is H["self_attn.v_proj"]
+    assert H["mlp.gate_proj"] is H["mlp.up_proj"]
+    assert H["self_attn.o_proj"] is not H["self_attn.q_proj"] and H["mlp.down_proj"].shape == (64, 64)
