@@ -158,7 +158,7 @@ def load_digits8x8(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's 1,797 8x8 digits, split 70/10/20 per class (stratified, seed 0).
 
     Args:
-        split: "train", "val" or "test" (1259 / 180 / 358 samples).
+        split: "train", "val" or "test" (1259 / 179 / 359 samples).
     Returns:
         X float32 (N, 1, 8, 8) in [0, 1], y int64 (N,) in 0..9.
     """

@@ -1,0 +1,346 @@
+"""The teacher zoo: train, save, verify and load the course's three teacher models.
+
+Teachers (architectures and recipes in :mod:`lessons_lib.teachers`), stored in ``data/``:
+
+- ``vision``: CNN on the MNIST snapshot -> ``vision_teacher.safetensors`` + ``vision_teacher.json``.
+- ``lm``: 12-layer Llama causal LM on the CPython-docs corpus -> ``lm_teacher/`` (HF folder).
+- ``moe``: 8-expert top-2 Mixtral causal LM on the same corpus -> ``moe_teacher/`` (HF folder).
+
+Every file is recorded with its sha256 in ``data/manifest.json``, together with the metrics
+measured right after training; :func:`load_teacher` checks the hashes before loading.
+
+Rebuild from the repository root (``--steps N`` for a quick smoke build, ``--out DIR`` to write
+elsewhere)::
+
+    python -m lessons_lib.zoo build vision|lm|moe|all [--steps N] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from lessons_lib import data, evaluate, teachers
+
+TEACHERS = ("vision", "lm", "moe")
+VISION_FILES = ("vision_teacher.safetensors", "vision_teacher.json")
+HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+ChecksumError = data.ChecksumError
+
+
+def _check_name(name: str) -> None:
+    if name not in TEACHERS:
+        raise ValueError(f"unknown teacher {name!r}; accepted: {', '.join(TEACHERS)}")
+
+
+def rebuild_command(name: str) -> str:
+    """The shell command that rebuilds teacher ``name`` into ``data/``."""
+    return f"python -m lessons_lib.zoo build {name}"
+
+
+def teacher_files(name: str) -> list[str]:
+    """Paths (relative to the data folder) of the files that make up teacher ``name``."""
+    _check_name(name)
+    return list(VISION_FILES) if name == "vision" else [f"{name}_teacher/{f}" for f in HF_FILES]
+
+
+def recipe(name: str) -> teachers.VisionConfig | teachers.CausalLMConfig:
+    """The default config (architecture + training recipe) of teacher ``name``."""
+    _check_name(name)
+    return {"vision": teachers.VISION, "lm": teachers.LM, "moe": teachers.MOE}[name]
+
+
+# ----------------------------------------------------------------------------- training
+@contextlib.contextmanager
+def _deterministic() -> Iterator[None]:
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _lr_at(step: int, total: int, warmup: int, lr: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay from ``lr`` to ``0.1 * lr``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _augment(x: torch.Tensor, cfg: teachers.VisionConfig, g: torch.Generator) -> torch.Tensor:
+    """Random rotation (+-max_rotate deg) and shift (+-max_shift px) of a batch (B, 1, H, W)."""
+    B, H = x.size(0), x.size(-1)
+    angle = (torch.rand(B, generator=g) * 2 - 1) * math.radians(cfg.max_rotate)  # (B,)
+    shift = (torch.rand(B, 2, generator=g) * 2 - 1) * (2 * cfg.max_shift / H)  # (B, 2), in [-1, 1] units
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2)
+    return F.grid_sample(x, grid, align_corners=False)
+
+
+def train_vision(cfg: teachers.VisionConfig, progress: bool = False) -> teachers.VisionTeacher:
+    """Train the vision teacher on the MNIST train split; keep the best weights on val.
+
+    Args:
+        cfg: recipe (see :class:`teachers.VisionConfig`).
+        progress: show a tqdm bar.
+    Returns:
+        The trained model (eval mode) holding the weights of the best validation check.
+    """
+    torch.manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    X, y = data.load_mnist("train")
+    X_val, y_val = data.load_mnist("val")
+    model = teachers.VisionTeacher(**cfg.model_kwargs())
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    best, best_acc, bad_checks, order = copy.deepcopy(model.state_dict()), -1.0, 0, torch.empty(0, dtype=torch.long)
+    bar = tqdm(range(cfg.steps), desc="vision", disable=not progress)
+    for step in bar:
+        if len(order) < cfg.batch_size:
+            order = torch.randperm(len(X), generator=g)
+        idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, cfg.steps, cfg.warmup, cfg.lr)
+        model.train()
+        loss = F.cross_entropy(model(_augment(X[idx], cfg, g)), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            acc = evaluate.accuracy(model, X_val, y_val)
+            bar.set_postfix(loss=f"{loss.item():.3f}", val_acc=f"{acc:.4f}")
+            if acc > best_acc:
+                best, best_acc, bad_checks = copy.deepcopy(model.state_dict()), acc, 0
+            else:
+                bad_checks += 1
+                if bad_checks >= cfg.patience:
+                    break
+    model.load_state_dict(best)
+    return model.eval()
+
+
+def train_causal_lm(cfg: teachers.CausalLMConfig, progress: bool = False) -> nn.Module:
+    """Train a Llama/Mixtral teacher on random ``cfg.context``-token windows of the train split.
+
+    Next-token cross-entropy (plus ``router_aux_loss_coef`` x load-balancing loss for Mixtral when
+    the coefficient is > 0), AdamW, warm-up + cosine schedule, gradient clipping at 1.0.
+
+    Returns:
+        The trained ``PreTrainedModel`` in eval mode.
+    """
+    torch.manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    ids = data.lm_tokens("train")
+    model = teachers.build_causal_lm(cfg, eot_id=data.load_tokenizer().token_to_id(data.EOT))
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    aux = cfg.arch == "mixtral" and cfg.router_aux_loss_coef > 0
+    model.train()
+    bar = tqdm(range(cfg.steps), desc=cfg.arch, disable=not progress)
+    for step in bar:
+        starts = torch.randint(0, len(ids) - cfg.context, (cfg.batch_size,), generator=g)  # (B,)
+        x = ids[starts[:, None] + torch.arange(cfg.context)]  # (B, T)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, cfg.steps, cfg.warmup, cfg.lr)
+        loss = model(input_ids=x, labels=x, **({"output_router_logits": True} if aux else {})).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- metrics
+def expert_usage(model: nn.Module, tokens: torch.Tensor, block_size: int = 128, batch_size: int = 8) -> torch.Tensor:
+    """Share of the top-k routing assignments that each expert receives, per MoE layer.
+
+    Tokens are cut into non-overlapping ``block_size`` blocks (tail dropped); each token sends
+    ``top_k`` assignments, so a uniform router gives every expert 1 / num_experts.
+
+    Args:
+        model: a Hugging Face MoE causal LM that accepts ``output_router_logits=True`` (Mixtral).
+        tokens: token ids (N,).
+        block_size: tokens per block.
+        batch_size: blocks per forward pass.
+    Returns:
+        Usage (layers, experts), float32, each row summing to 1.
+    """
+    top_k, n_experts = model.config.num_experts_per_tok, model.config.num_local_experts
+    n_blocks = len(tokens) // block_size
+    if n_blocks == 0:
+        raise ValueError(f"need at least {block_size} tokens, got {len(tokens)}")
+    blocks = tokens[: n_blocks * block_size].view(n_blocks, block_size)  # (n_blocks, T)
+    counts = torch.zeros(model.config.num_hidden_layers, n_experts)
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for i in range(0, n_blocks, batch_size):
+            router_logits = model(blocks[i : i + batch_size], output_router_logits=True).router_logits
+            for layer, logits in enumerate(router_logits):  # logits: (B*T, E)
+                chosen = logits.topk(top_k, dim=-1).indices  # (B*T, top_k)
+                counts[layer] += torch.bincount(chosen.flatten(), minlength=n_experts).float()
+    model.train(was_training)
+    return counts / counts.sum(dim=-1, keepdim=True)
+
+
+def usage_summary(usage: torch.Tensor) -> dict:
+    """Unevenness of expert usage (layers, experts), JSON-ready.
+
+    Returns:
+        usage rows; per layer the coefficient of variation (std / mean, 0 = perfectly even), the
+        max/min ratio (None where some expert gets nothing) and the count of unused experts;
+        the overall min and max usage.
+    """
+    low, high = usage.min(dim=-1).values, usage.max(dim=-1).values  # (layers,)
+    cv = usage.std(dim=-1, unbiased=False) / usage.mean(dim=-1)  # (layers,)
+    return {"usage": [[round(float(u), 6) for u in row] for row in usage],
+            "cv_per_layer": [round(float(c), 4) for c in cv],
+            "max_min_ratio_per_layer": [round(float(h / l), 4) if l > 0 else None for h, l in zip(high, low)],
+            "unused_experts_per_layer": [int(n) for n in (usage == 0).sum(dim=-1)],
+            "min_usage": round(float(usage.min()), 6), "max_usage": round(float(usage.max()), 6)}
+
+
+def teacher_metrics(name: str, model: nn.Module, max_tokens: int | None = None) -> dict:
+    """The metrics recorded in the manifest, measured on the val and test splits.
+
+    vision: accuracy on MNIST val and test. lm/moe: perplexity on corpus val and test in
+    non-overlapping blocks of the model's context, the add-one unigram baseline on val, and
+    (moe) the expert usage on val.
+
+    Args:
+        name: "vision", "lm" or "moe".
+        model: the trained teacher.
+        max_tokens: evaluate LMs on the first ``max_tokens`` tokens of each split only (quick
+            smoke builds); None (default) uses the full splits. Recorded as ``val_tokens``.
+    """
+    _check_name(name)
+    if name == "vision":
+        return {split + "_accuracy": evaluate.accuracy(model, *data.load_mnist(split)) for split in ("val", "test")}
+    context = model.config.max_position_embeddings
+    train, val, test = data.lm_tokens("train"), data.lm_tokens("val")[:max_tokens], data.lm_tokens("test")[:max_tokens]
+    metrics = {"val_perplexity": evaluate.perplexity(model, val, block_size=context),
+               "test_perplexity": evaluate.perplexity(model, test, block_size=context),
+               "unigram_val_perplexity": evaluate.unigram_perplexity(train, val, model.config.vocab_size),
+               "block_size": context, "val_tokens": len(val), "test_tokens": len(test)}
+    if name == "moe":
+        metrics["expert_usage_val"] = usage_summary(expert_usage(model, val, block_size=context))
+    return metrics
+
+
+# ----------------------------------------------------------------------------- build / load
+def build(name: str, steps: int | None = None, out: Path | None = None, progress: bool = False,
+          eval_tokens: int | None = None) -> dict:
+    """Train teacher ``name``, save it under ``out`` and return its manifest entry.
+
+    Args:
+        name: "vision", "lm" or "moe".
+        steps: optimiser steps (default: the recipe's); a few steps make a quick smoke build.
+        out: output folder (default: :func:`data.data_dir`). Training data always comes from
+            :func:`data.data_dir`.
+        progress: show tqdm bars.
+        eval_tokens: LM metrics on this many tokens per split (see :func:`teacher_metrics`).
+    Returns:
+        The entry (files, config, metrics, params, bytes); pass it to :func:`record_build`.
+    """
+    cfg = recipe(name)
+    cfg = dataclasses.replace(cfg, steps=steps) if steps is not None else cfg
+    out = Path(out or data.data_dir())
+    with _deterministic():
+        if name == "vision":
+            model = train_vision(cfg, progress)
+            out.mkdir(parents=True, exist_ok=True)
+            save_file(model.state_dict(), str(out / VISION_FILES[0]))
+            (out / VISION_FILES[1]).write_text(json.dumps(cfg.model_kwargs(), indent=2) + "\n")
+        else:
+            model = train_causal_lm(cfg, progress)
+            folder = out / f"{name}_teacher"
+            model.save_pretrained(folder)
+            tokenizer = data.load_hf_tokenizer()
+            tokenizer.model_max_length = cfg.context
+            tokenizer.save_pretrained(folder)
+        metrics = teacher_metrics(name, model, max_tokens=eval_tokens)
+    files = teacher_files(name)
+    return {"files": files, "config": dataclasses.asdict(cfg), "metrics": metrics,
+            "params": sum(p.numel() for p in model.parameters()),
+            "bytes": sum((out / f).stat().st_size for f in files), "torch": torch.__version__}
+
+
+def record_build(name: str, entry: dict, out: Path | None = None) -> dict:
+    """Write teacher ``name``'s files (sha256, size) and ``entry`` into ``out/manifest.json``."""
+    return data.update_manifest(Path(out or data.data_dir()), entry["files"], rebuild_command(name),
+                                teachers={name: entry})
+
+
+def load_teacher(name: str, source: str = "zoo", directory: Path | None = None) -> nn.Module:
+    """A teacher in eval mode, after checking its files against the sha256 manifest.
+
+    Args:
+        name: "vision", "lm" or "moe".
+        source: "zoo" (our checkpoint, never touches the network) or, for "lm"/"moe", a Hugging
+            Face hub id such as "facebook/opt-125m" (downloaded by ``from_pretrained``).
+        directory: data folder holding the checkpoint and manifest (default :func:`data.data_dir`).
+    Raises:
+        ValueError: unknown name, or a hub source for "vision".
+        FileNotFoundError / ChecksumError: a missing or corrupt file (the message names the file
+            and the rebuild command).
+    """
+    _check_name(name)
+    from transformers import AutoModelForCausalLM
+
+    if source != "zoo":
+        if name == "vision":
+            raise ValueError("the vision teacher has no hub source; use source='zoo'")
+        return AutoModelForCausalLM.from_pretrained(source).eval()
+    directory = Path(directory or data.data_dir())
+    for rel in teacher_files(name):
+        data.verify_file(rel, directory, rebuild=rebuild_command(name))
+    if name != "vision":
+        return AutoModelForCausalLM.from_pretrained(directory / f"{name}_teacher").eval()
+    model = teachers.VisionTeacher(**json.loads((directory / VISION_FILES[1]).read_text()))
+    model.load_state_dict(load_file(str(directory / VISION_FILES[0])))
+    return model.eval()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: ``python -m lessons_lib.zoo build NAME|all [--steps N] [--out DIR] [--threads N] [--eval-tokens N]``."""
+    parser = argparse.ArgumentParser(prog="python -m lessons_lib.zoo", description="Build the teacher zoo.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cmd = sub.add_parser("build", help="train teachers and record them in manifest.json")
+    cmd.add_argument("name", choices=[*TEACHERS, "all"])
+    cmd.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the recipe's)")
+    cmd.add_argument("--out", type=Path, default=None, help="output folder (default: the data folder)")
+    cmd.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    cmd.add_argument("--eval-tokens", type=int, default=None, help="LM metrics on N tokens per split (smoke builds)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for name in TEACHERS if args.name == "all" else (args.name,):
+        start = time.perf_counter()
+        entry = build(name, steps=args.steps, out=args.out, progress=True, eval_tokens=args.eval_tokens)
+        entry["build_seconds"] = round(time.perf_counter() - start, 1)
+        entry["threads"] = torch.get_num_threads()
+        record_build(name, entry, args.out)
+        print(f"{name}: {entry['params']:,} params, {entry['bytes']:,} bytes, "
+              f"{entry['build_seconds']} s, metrics {json.dumps(entry['metrics'])[:400]}")
+
+
+if __name__ == "__main__":
+    main()
