@@ -94,3 +94,14 @@ def test_nearest_neighbour_agreement():
     assert evaluate.nearest_neighbour_agreement(a, a) == 1.0
     swapped = a[[0, 2, 1, 3]]  # rows 1 and 2 trade places: every neighbour relation changes
     assert evaluate.nearest_neighbour_agreement(a, swapped) == 0.0
+
+
+class ConfidentlyWrong(nn.Module):
+    """Puts all its probability on the wrong token: perplexity overflows a float."""
+
+    def forward(self, ids):
+        return -1e4 * nn.functional.one_hot((ids + 1) % 3, 3).float()
+
+
+def test_perplexity_of_a_broken_model_is_inf_not_an_exception():
+    assert evaluate.perplexity(ConfidentlyWrong(), torch.arange(30) % 3, block_size=10) == math.inf
