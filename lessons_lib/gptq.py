@@ -351,6 +351,12 @@ def quantize_model_(
     Returns:
         Module name -> :class:`QuantizedWeight`, for every quantized Linear.
     """
+    with _one_thread():  # small block-sized operations: threads cost more than they give
+        return _quantize_model(model, calibration, config, method, batch_size, progress)
+
+
+def _quantize_model(model: nn.Module, calibration: torch.Tensor, config: GPTQConfig, method: str,
+                    batch_size: int, progress: bool) -> dict[str, QuantizedWeight]:
     from tqdm.auto import tqdm
 
     if method not in ("gptq", "rtn"):
