@@ -297,11 +297,15 @@ def _block_hessians(block: nn.Module, group: dict[str, nn.Linear], inputs: list)
     Linears that read the same tensor (q/k/v, gate/up) share one accumulator: a first forward
     pass finds which ones do.
     """
-    first_input: dict[str, int] = {}
+    first_input: dict[str, torch.Tensor] = {}
 
+    # Keep the input tensors themselves, not only their addresses: a tensor freed during the pass
+    # (the attention norm's output, say) can hand its memory to a later input (o_proj's), and two
+    # different inputs would then look like one. That made o_proj share gate/up's Hessian on some
+    # blocks, depending on the allocator: a machine-dependent loss of GPTQ accuracy.
     def remember(name: str):
         def hook(module: nn.Module, inp: tuple, out: torch.Tensor) -> None:  # returns None: output unchanged
-            first_input.setdefault(name, inp[0].data_ptr())
+            first_input.setdefault(name, inp[0])
         return hook
 
     hooks = [m.register_forward_hook(remember(n)) for n, m in group.items()]
@@ -311,9 +315,9 @@ def _block_hessians(block: nn.Module, group: dict[str, nn.Linear], inputs: list)
     finally:
         for h in hooks:
             h.remove()
-    owner = {}  # input tensor -> the first Linear that reads it
-    for name, ptr in first_input.items():
-        owner.setdefault(ptr, name)
+    owner: dict[int, str] = {}  # input tensor (all still alive, so their ids are distinct) -> first reader
+    for name, tensor in first_input.items():
+        owner.setdefault(id(tensor), name)
     acc = {name: HessianAccumulator(group[name].in_features) for name in set(owner.values())}
     hooks = [group[n].register_forward_hook(lambda mod, inp, out, n=n: acc[n].add(inp[0])) for n in acc]
     try:
@@ -322,7 +326,7 @@ def _block_hessians(block: nn.Module, group: dict[str, nn.Linear], inputs: list)
     finally:
         for h in hooks:
             h.remove()
-    return {name: acc[owner[first_input[name]]].H for name in group}
+    return {name: acc[owner[id(first_input[name])]].H for name in group}
 
 
 @torch.no_grad()

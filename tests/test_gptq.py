@@ -197,3 +197,29 @@ def test_linears_reading_the_same_input_share_one_hessian():
     assert H["self_attn.q_proj"] is H["self_attn.k_proj"] is H["self_attn.v_proj"]
     assert H["mlp.gate_proj"] is H["mlp.up_proj"]
     assert H["self_attn.o_proj"] is not H["self_attn.q_proj"] and H["mlp.down_proj"].shape == (64, 64)
+
+
+class _FreesItsFirstInput(nn.Module):
+    """a reads a temporary that is freed before b's (different) input is made: the allocator
+    usually hands b's input the same address, which once made a and b share a Hessian."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x * 2)  # the temporary x * 2 is freed once a has read it
+        return self.b(x - 3) + h
+
+
+def test_linears_reading_different_inputs_never_share_a_hessian_even_if_memory_is_reused():
+    block = _FreesItsFirstInput()
+    x = torch.randn(2, 64, 64, generator=torch.Generator().manual_seed(0))  # large enough to be reused at once
+    inputs = [((x,), {})]
+    expected = {"a": (x * 2).reshape(-1, 64), "b": (x - 3).reshape(-1, 64)}
+    for attempt in range(5):  # reuse is up to the allocator: give it several chances to happen
+        with torch.no_grad():
+            H = gptq._block_hessians(block, {"a": block.a, "b": block.b}, inputs)
+        assert H["a"] is not H["b"]
+        for name, X in expected.items():
+            torch.testing.assert_close(H[name], 2 * X.T @ X / len(X), rtol=1e-4, atol=1e-4)
