@@ -43,26 +43,37 @@ def _tensor_bytes(obj: Any) -> int:
     return 0
 
 
+def _plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors that hold a tensor's data: itself, or, for a tensor subclass that
+    wraps others (torchao's ``Int8Tensor``, ``IntxUnpackedToInt8Tensor``...: the PyTorch
+    ``__tensor_flatten__`` protocol), its inner tensors, recursively."""
+    if type(t) in (torch.Tensor, nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [leaf for name in names for leaf in _plain_tensors(getattr(t, name))]
+
+
 def state_bytes(model: nn.Module) -> int:
     """Bytes of every tensor in ``model.state_dict()``: weights, buffers, quantized weights.
 
     Tied tensors (same storage) are counted once. Quantized modules from ``torch.ao`` keep their
     weights in packed form; their state_dict exposes them as quantized tensors (1 byte per int8
-    element, plus their per-channel scale and zero-point tensors), which this counts.
+    element, plus their per-channel scale and zero-point tensors), which this counts. torchao's
+    quantized weights are tensor subclasses: their inner tensors (codes, scales, zero points)
+    are counted.
     """
     seen: set[tuple[int, int]] = set()
     total = 0
     for value in model.state_dict().values():
         tensors = value if isinstance(value, (tuple, list)) else (value,)
-        for t in tensors:
-            if isinstance(t, torch.Tensor):
-                key = (t.untyped_storage().data_ptr(), t.numel()) if not t.is_quantized else (id(t), 0)
-                if key in seen:
-                    continue
-                seen.add(key)
-                total += _tensor_bytes(t)
-                if t.is_quantized and t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-                    total += _tensor_bytes((t.q_per_channel_scales(), t.q_per_channel_zero_points()))
+        for t in (leaf for v in tensors if isinstance(v, torch.Tensor) for leaf in _plain_tensors(v)):
+            key = (t.untyped_storage().data_ptr(), t.numel()) if not t.is_quantized else (id(t), 0)
+            if key in seen:
+                continue
+            seen.add(key)
+            total += _tensor_bytes(t)
+            if t.is_quantized and t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+                total += _tensor_bytes((t.q_per_channel_scales(), t.q_per_channel_zero_points()))
     return total
 
 

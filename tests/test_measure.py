@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lessons_lib import measure
+from lessons_lib import measure, session
 
 
 def test_count_parameters_counts_tied_weights_once():
@@ -95,3 +95,19 @@ def test_peak_memory_sees_a_large_temporary_allocation():
 
     assert measure.peak_memory_bytes(hold_200_mib) > 150 * 2**20
     assert measure.peak_memory_bytes(lambda: None) < 50 * 2**20
+
+
+def test_state_bytes_counts_the_inner_tensors_of_torchao_weights():
+    session.silence_known_noise()
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, Int8WeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    out, inp = 128, 256
+    bias = out * 4
+    int8 = nn.Sequential(nn.Linear(inp, out))
+    quantize_(int8, Int8WeightOnlyConfig())  # int8 codes, one float32 scale and one int8 zero point per row
+    assert measure.state_bytes(int8) == out * inp + out * 4 + out + bias
+    int4 = nn.Sequential(nn.Linear(inp, out))
+    quantize_(int4, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32)))
+    groups = out * inp // 32  # int4 values stored one per byte ("unpacked"), a scale and zero point per group
+    assert measure.state_bytes(int4) == out * inp + groups * 4 + groups + bias
