@@ -30,12 +30,17 @@ RESERVED = {"results_dir": "the runner puts results in the run folder", "quick":
 
 def _ipc_kernel_manager() -> type:
     """A Jupyter kernel manager on local IPC sockets instead of TCP: nothing listens on a port,
-    and the kernel has no reason to print its 'running over TCP without encryption' warning."""
+    and the kernel has no reason to print its 'running over TCP without encryption' warning.
+    The sockets live in a fresh temporary folder (by default they would be made in the kernel's
+    working directory, the notebooks folder, and outlive the run)."""
+    import tempfile
+
     from jupyter_client.manager import KernelManager
 
     class _IPC(KernelManager):
         def __init__(self, **kwargs: Any) -> None:
             kwargs.setdefault("transport", "ipc")
+            kwargs.setdefault("ip", str(Path(tempfile.mkdtemp(prefix="lessons-kernel-")) / "kernel-ipc"))
             super().__init__(**kwargs)
 
     return _IPC

@@ -1,5 +1,6 @@
 """The course runner: argument checking before any work, and a real papermill run of tiny lessons."""
 import json
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -116,9 +117,22 @@ def test_a_real_run_reports_failures_and_keeps_going(course_dir):
         assert (run_dir / f"{stem}.ipynb").exists()
     summary_md = (run_dir / "summary.md").read_text()
     assert "| 01_broken | failed |" in summary_md and "| twice_n | 42 |" in summary_md
+    leftovers = [p.name for p in (course_dir / "notebooks").iterdir() if p.suffix != ".ipynb"]
+    assert not leftovers, f"the run left files beside the notebooks: {leftovers}"
 
     # A second run gets its own folder and leaves the first untouched.
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     assert runner.main(_args(course_dir, "--only", "00", "--full")) == 0
     assert len(list((course_dir / "runs").iterdir())) == 2
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_kernel_sockets_are_made_in_a_private_temporary_folder_not_beside_the_notebooks():
+    import tempfile
+
+    a, b = runner._ipc_kernel_manager()(), runner._ipc_kernel_manager()()
+    assert a.transport == "ipc"
+    for km in (a, b):
+        path = Path(km.ip)
+        assert path.is_absolute() and path.parent.parent == Path(tempfile.gettempdir()), km.ip
+    assert Path(a.ip).parent != Path(b.ip).parent  # a killed run's sockets never collide with the next
