@@ -17,15 +17,14 @@ import contextlib
 import copy
 import math
 import re
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from lessons_lib import training
 from lessons_lib.teachers import VisionTeacher
 
 INITS = ("copy", "random")
@@ -259,37 +258,19 @@ def train(objective: Callable, batches: Iterable, config: DistillConfig,
     Args: objective: a :class:`Distiller` or any callable ``batch -> (loss, parts)``; batches: at
     least ``config.steps`` of them; config: lr, weight_decay, linear warm-up then cosine decay to
     10%, grad_clip; params: what to optimise (default ``objective.parameters()``).
-    Returns: history, each logged part (``loss``, ``task``, ``feature``...) -> one float per step.
+    Returns: history, each logged part (``loss``, ``task``, ``feature``...) and ``lr`` -> one float per step.
     """
     params = list(objective.parameters() if params is None else params)
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     was_training = getattr(objective, "training", None)
     if isinstance(objective, nn.Module):
         objective.train()
-    history: dict[str, list[float]] = defaultdict(list)
-    batches = iter(batches)
-    bar = tqdm(range(config.steps), desc=desc, disable=not progress, leave=False)
-    for step in bar:
-        progress_ = (step - config.warmup) / max(1, config.steps - config.warmup)
-        scale = (step + 1) / config.warmup if step < config.warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * progress_))
-        for group in opt.param_groups:
-            group["lr"] = config.lr * scale
-        try:
-            loss, parts = objective(next(batches))
-        except StopIteration:
-            raise ValueError(f"batches ran out after {step} of {config.steps} steps") from None
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip is not None:
-            nn.utils.clip_grad_norm_(params, config.grad_clip)
-        opt.step()
-        for key, value in parts.items():
-            history[key].append(value)
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{parts['loss'] if 'loss' in parts else loss.item():.3f}")
+    history = training.run(objective, batches, config.steps,
+                           lambda step: training.warmup_cosine(step, config.steps, config.warmup, config.lr), params,
+                           optimizer="adamw", weight_decay=config.weight_decay, grad_clip=config.grad_clip,
+                           progress=progress, desc=desc)
     if isinstance(objective, nn.Module):
         objective.train(bool(was_training))
-    return dict(history)
+    return history
 
 
 # ----------------------------------------------------------------------------- students

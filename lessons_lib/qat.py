@@ -25,9 +25,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from lessons_lib import quantize
+from lessons_lib import quantize, training
 from lessons_lib.quantize import QuantConfig
 
 
@@ -155,7 +154,6 @@ class QATConv2d(_QATMixin, nn.Conv2d):
 
 
 QAT_TYPES = (QATLinear, QATConv2d)
-OPTIMIZERS = ("sgd", "adamw")
 
 
 def fold_batchnorm_(model: nn.Module) -> list[str]:
@@ -373,31 +371,17 @@ def fine_tune(model: nn.Module, batches: Iterable, steps: int, lr: float, schedu
     ``schedule(step)`` multiplies ``lr`` (default: constant). ``loss_fn(model(x), y)``. Returns the
     history: ``loss`` and ``lr`` per step. The model is left in eval mode (activation ranges frozen).
     """
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if steps < 1 or not lr > 0:
         raise ValueError(f"need steps >= 1 and lr > 0, got steps={steps!r}, lr={lr!r}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.9) if optimizer == "sgd" else torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    model.train()
-    history: dict[str, list[float]] = {"loss": [], "lr": []}
-    batches = iter(batches)
-    for step in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
-        rate = lr * (schedule(step) if schedule is not None else 1.0)
-        for group in opt.param_groups:
-            group["lr"] = rate
-        try:
-            x, y = next(batches)
-        except StopIteration:
-            raise ValueError(f"batches ran out after {step} of {steps} steps") from None
+
+    def objective(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        x, y = batch
         loss = loss_fn(model(x.to(device)), y.to(device))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the loss became {float(loss.detach())} at step {step} (learning rate {rate:.3g}): lower lr or warm up")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        history["loss"].append(float(loss.detach()))
-        history["lr"].append(rate)
+        return loss, {"loss": float(loss.detach())}
+
+    model.train()
+    history = training.run(objective, batches, steps, lambda step: lr * (schedule(step) if schedule is not None else 1.0),
+                           [p for p in model.parameters() if p.requires_grad], optimizer=optimizer, progress=progress, desc=desc)
     model.eval()
     return history
 

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from lessons_lib import data, evaluate, teachers
+from lessons_lib import data, evaluate, teachers, training
 
 TEACHERS = ("vision", "lm", "moe")
 VISION_FILES = ("vision_teacher.safetensors", "vision_teacher.json")
@@ -73,14 +73,6 @@ def _deterministic() -> Iterator[None]:
         torch.use_deterministic_algorithms(previous)
 
 
-def _lr_at(step: int, total: int, warmup: int, lr: float) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay from ``lr`` to ``0.1 * lr``."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
 def _augment(x: torch.Tensor, cfg: teachers.VisionConfig, g: torch.Generator) -> torch.Tensor:
     """Random rotation (+-max_rotate deg) and shift (+-max_shift px) of a batch (B, 1, H, W)."""
     B, H = x.size(0), x.size(-1)
@@ -114,7 +106,7 @@ def train_vision(cfg: teachers.VisionConfig, progress: bool = False) -> teachers
             order = torch.randperm(len(X), generator=g)
         idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg.steps, cfg.warmup, cfg.lr)
+            group["lr"] = training.warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr)
         model.train()
         loss = F.cross_entropy(model(_augment(X[idx], cfg, g)), y[idx])
         opt.zero_grad(set_to_none=True)
@@ -157,7 +149,7 @@ def train_causal_lm(cfg: teachers.CausalLMConfig, progress: bool = False) -> nn.
         starts = torch.randint(0, len(ids) - cfg.context, (cfg.batch_size,), generator=g)  # (B,)
         x = ids[starts[:, None] + torch.arange(cfg.context)]  # (B, T)
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg.steps, cfg.warmup, cfg.lr)
+            group["lr"] = training.warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr)
         loss = model(input_ids=x, labels=x, **({"output_router_logits": True} if aux else {})).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
