@@ -1,8 +1,8 @@
-"""The one training loop and the warm-up + cosine learning rate that the library shares.
+"""The one training loop and the learning-rate schedules that the library shares.
 
-Used by :mod:`lessons_lib.zoo` (the rate of the teacher builds), :func:`lessons_lib.distill.train`
-and :func:`lessons_lib.qat.fine_tune`; each of those only chooses the objective, the optimiser and
-the schedule.
+Used by :mod:`lessons_lib.zoo` (the teacher builds), :func:`lessons_lib.distill.train` and
+:func:`lessons_lib.qat.fine_tune`; each of those only chooses the objective, the optimiser, which
+weights decay, the schedule and what to do after a step (evaluate, stop early).
 """
 from __future__ import annotations
 
@@ -26,9 +26,17 @@ def warmup_cosine(step: int, total: int, warmup: int, lr: float) -> float:
     return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def matrices_only(p: nn.Parameter) -> bool:
+    """Weight decay for weight matrices and conv kernels only, not biases, norms or gains (dim < 2);
+    the rule of nanoGPT's ``configure_optimizers`` and of the zoo's language models."""
+    return p.dim() >= 2
+
+
 def run(objective: Callable, batches: Iterable, steps: int, lr_at: Callable[[int], float],
         params: Iterable[nn.Parameter], optimizer: str = "adamw", weight_decay: float = 0.0,
-        grad_clip: float | None = None, progress: bool = False, desc: str = "train") -> dict[str, list[float]]:
+        decays: Callable[[nn.Parameter], bool] | None = None, betas: tuple[float, float] = (0.9, 0.999),
+        grad_clip: float | None = None, on_step: Callable[[int, float], bool | None] | None = None,
+        progress: bool = False, desc: str = "train") -> dict[str, list[float]]:
     """Minimise ``objective(batch)[0]`` for ``steps`` optimiser steps, one batch each.
 
     Args:
@@ -37,19 +45,30 @@ def run(objective: Callable, batches: Iterable, steps: int, lr_at: Callable[[int
         lr_at: the learning rate of each step.
         params: what to optimise.
         optimizer: "adamw" or "sgd" (momentum 0.9).
-        grad_clip: max gradient norm, or None.
+        weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
+        decays: which parameters it applies to, e.g. :func:`matrices_only`; None = all of them.
+        betas: AdamW's moment coefficients.
+        grad_clip: max gradient norm over ``params`` (in their order), or None.
+        on_step: called as ``on_step(step, loss)`` after each optimiser step (evaluate, save the best
+            weights, ...); returning True stops training there (early stopping), as minGPT's
+            trainer callbacks.
     Returns:
-        The history: each logged part, and ``lr``, -> one float per step.
+        The history: each logged part, and ``lr``, -> one float per step taken.
     Raises:
         ValueError if the batches run out; FloatingPointError if the loss stops being finite.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     params = list(params)
+    groups: list = params
+    if decays is not None:
+        groups = [{"params": [p for p in params if decays(p)], "weight_decay": weight_decay},
+                  {"params": [p for p in params if not decays(p)], "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
     if optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr_at(0), momentum=0.9, weight_decay=weight_decay)
+        opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=lr_at(0), momentum=0.9, weight_decay=weight_decay)
     else:
-        opt = torch.optim.AdamW(params, lr=lr_at(0), weight_decay=weight_decay)
+        opt = torch.optim.AdamW(groups, lr=lr_at(0), betas=betas, weight_decay=weight_decay)
     history: dict[str, list[float]] = defaultdict(list)
     batches = iter(batches)
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
@@ -74,4 +93,6 @@ def run(objective: Callable, batches: Iterable, steps: int, lr_at: Callable[[int
         history["lr"].append(rate)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        if on_step is not None and on_step(step, float(loss.detach())):
+            break
     return dict(history)

@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from lessons_lib import data, evaluate, teachers, training
 
@@ -87,6 +86,10 @@ def _augment(x: torch.Tensor, cfg: teachers.VisionConfig, g: torch.Generator) ->
 def train_vision(cfg: teachers.VisionConfig, progress: bool = False) -> teachers.VisionTeacher:
     """Train the vision teacher on the MNIST train split; keep the best weights on val.
 
+    AdamW with weight decay on every parameter, warm-up + cosine rate, augmented batches; the
+    validation accuracy is checked every ``cfg.eval_every`` steps and training stops after
+    ``cfg.patience`` checks without a gain (:func:`training.run`'s ``on_step``).
+
     Args:
         cfg: recipe (see :class:`teachers.VisionConfig`).
         progress: show a tqdm bar.
@@ -98,30 +101,36 @@ def train_vision(cfg: teachers.VisionConfig, progress: bool = False) -> teachers
     X, y = data.load_mnist("train")
     X_val, y_val = data.load_mnist("val")
     model = teachers.VisionTeacher(**cfg.model_kwargs())
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    best, best_acc, bad_checks, order = copy.deepcopy(model.state_dict()), -1.0, 0, torch.empty(0, dtype=torch.long)
-    bar = tqdm(range(cfg.steps), desc="vision", disable=not progress)
-    for step in bar:
-        if len(order) < cfg.batch_size:
-            order = torch.randperm(len(X), generator=g)
-        idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
-        for group in opt.param_groups:
-            group["lr"] = training.warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr)
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # reshuffled whenever fewer than a batch remain
+        order = torch.empty(0, dtype=torch.long)
+        while True:
+            if len(order) < cfg.batch_size:
+                order = torch.randperm(len(X), generator=g)
+            idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
+            yield _augment(X[idx], cfg, g), y[idx]
+
+    def objective(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         model.train()
-        loss = F.cross_entropy(model(_augment(X[idx], cfg, g)), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            acc = evaluate.accuracy(model, X_val, y_val)
-            bar.set_postfix(loss=f"{loss.item():.3f}", val_acc=f"{acc:.4f}")
-            if acc > best_acc:
-                best, best_acc, bad_checks = copy.deepcopy(model.state_dict()), acc, 0
-            else:
-                bad_checks += 1
-                if bad_checks >= cfg.patience:
-                    break
-    model.load_state_dict(best)
+        loss = F.cross_entropy(model(batch[0]), batch[1])
+        return loss, {}
+
+    best = {"state": copy.deepcopy(model.state_dict()), "acc": -1.0, "bad_checks": 0}
+
+    def keep_best(step: int, loss: float) -> bool:
+        if (step + 1) % cfg.eval_every and step + 1 != cfg.steps:
+            return False
+        acc = evaluate.accuracy(model, X_val, y_val)
+        if acc > best["acc"]:
+            best.update(state=copy.deepcopy(model.state_dict()), acc=acc, bad_checks=0)
+        else:
+            best["bad_checks"] += 1
+        return best["bad_checks"] >= cfg.patience
+
+    training.run(objective, batches(), cfg.steps, lambda step: training.warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr),
+                 model.parameters(), optimizer="adamw", weight_decay=cfg.weight_decay, on_step=keep_best,
+                 progress=progress, desc="vision")
+    model.load_state_dict(best["state"])
     return model.eval()
 
 
@@ -129,7 +138,8 @@ def train_causal_lm(cfg: teachers.CausalLMConfig, progress: bool = False) -> nn.
     """Train a Llama/Mixtral teacher on random ``cfg.context``-token windows of the train split.
 
     Next-token cross-entropy (plus ``router_aux_loss_coef`` x load-balancing loss for Mixtral when
-    the coefficient is > 0), AdamW, warm-up + cosine schedule, gradient clipping at 1.0.
+    the coefficient is > 0), AdamW with betas (0.9, 0.95) and weight decay on matrices only,
+    warm-up + cosine schedule, gradient clipping at 1.0, all in :func:`training.run`.
 
     Returns:
         The trained ``PreTrainedModel`` in eval mode.
@@ -138,25 +148,21 @@ def train_causal_lm(cfg: teachers.CausalLMConfig, progress: bool = False) -> nn.
     g = torch.Generator().manual_seed(cfg.seed)
     ids = data.lm_tokens("train")
     model = teachers.build_causal_lm(cfg, eot_id=data.load_tokenizer().token_to_id(data.EOT))
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     aux = cfg.arch == "mixtral" and cfg.router_aux_loss_coef > 0
-    model.train()
-    bar = tqdm(range(cfg.steps), desc=cfg.arch, disable=not progress)
-    for step in bar:
-        starts = torch.randint(0, len(ids) - cfg.context, (cfg.batch_size,), generator=g)  # (B,)
-        x = ids[starts[:, None] + torch.arange(cfg.context)]  # (B, T)
-        for group in opt.param_groups:
-            group["lr"] = training.warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr)
+
+    def windows() -> Iterator[torch.Tensor]:
+        while True:
+            starts = torch.randint(0, len(ids) - cfg.context, (cfg.batch_size,), generator=g)  # (B,)
+            yield ids[starts[:, None] + torch.arange(cfg.context)]  # (B, T)
+
+    def objective(x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         loss = model(input_ids=x, labels=x, **({"output_router_logits": True} if aux else {})).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        return loss, {}
+
+    model.train()
+    training.run(objective, windows(), cfg.steps, lambda step: training.warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr),
+                 model.parameters(), optimizer="adamw", weight_decay=cfg.weight_decay, decays=training.matrices_only,
+                 betas=(0.9, 0.95), grad_clip=1.0, progress=progress, desc=cfg.arch)
     return model.eval()
 
 

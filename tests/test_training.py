@@ -47,3 +47,43 @@ def test_run_refuses_bad_input_and_stops_on_a_non_finite_loss():
         training.run(objective, [(X, y)] * 2, 3, lambda s: 0.1, model.parameters())
     with pytest.raises(FloatingPointError, match="at step 0"):
         training.run(objective, [(X * float("nan"), y)], 1, lambda s: 0.1, model.parameters())
+
+
+def test_decays_selects_the_weights_that_decay_and_matches_explicit_parameter_groups():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 1))
+    twin = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 1))
+    twin.load_state_dict(model.state_dict())
+    X = torch.randn(16, 4, generator=torch.Generator().manual_seed(2))
+
+    def objective_for(m):
+        return lambda x: (m(x).pow(2).mean(), {})
+
+    training.run(objective_for(model), [X] * 5, 5, lambda s: 0.05, model.parameters(), weight_decay=0.5,
+                 decays=training.matrices_only, betas=(0.9, 0.95), grad_clip=1.0)
+    # the same by hand: nanoGPT's two groups, AdamW with the same betas, clipping over every parameter
+    params = list(twin.parameters())
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.5},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=0.05, betas=(0.9, 0.95))
+    for _ in range(5):
+        loss = twin(X).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert [p.dim() >= 2 for p in params].count(True) == 2 and training.matrices_only(model[1].weight) is False
+
+
+def test_on_step_sees_every_step_and_can_stop_training_early():
+    model, X, y = _problem()
+    objective = lambda b: (((model(b[0]).squeeze(-1) - b[1]) ** 2).mean(), {"mse": 0.0})  # noqa: E731
+    seen = []
+
+    def stop_after_three(step, loss):
+        seen.append((step, loss))
+        return step == 2
+
+    history = training.run(objective, [(X, y)] * 10, 10, lambda s: 0.01, model.parameters(), on_step=stop_after_three)
+    assert [s for s, _ in seen] == [0, 1, 2] and len(history["lr"]) == 3 and all(math.isfinite(v) for _, v in seen)
