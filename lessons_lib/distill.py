@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lessons_lib import training
-from lessons_lib.teachers import VisionTeacher
+from lessons_lib import evaluate, training
+from lessons_lib.checks import is_int, is_number, require
+from lessons_lib.teachers import SmallCNN
 
 INITS = ("copy", "random")
 _LAYER_KEY = re.compile(r"(?:^|\.)(?:layers|layer|h)\.(\d+)\.")  # "model.layers.3.mlp..." -> 3
@@ -58,19 +59,33 @@ class DistillConfig:
     ignore_index: int = -100
 
     def __post_init__(self) -> None:
+
+
+
+        require(is_number(self.temperature), f"temperature must be a number > 0, e.g. 2.0, got {self.temperature!r}")
+        require(is_number(self.alpha), f"alpha must be a number in [0, 1], e.g. 0.5, got {self.alpha!r}")
         _check_objective(self.temperature, self.alpha)
-        if min(self.feature_weight, self.weight_decay, self.warmup) < 0 or self.steps < 1 or not self.lr > 0:
-            raise ValueError(f"need feature_weight, weight_decay, warmup >= 0 (0 turns each off), steps >= 1, lr > 0; got {self}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"grad_clip must be > 0 or None (no clipping), got {self.grad_clip!r}")
+        require(is_number(self.feature_weight) and self.feature_weight >= 0,
+              f"feature_weight must be a number >= 0 (0 = no hint losses), e.g. 1.0, got {self.feature_weight!r}")
+        require(is_int(self.steps) and self.steps >= 1, f"steps must be an int >= 1, e.g. 200, got {self.steps!r}")
+        require(is_number(self.lr) and self.lr > 0, f"lr must be a number > 0, e.g. 1e-3, got {self.lr!r}")
+        require(is_number(self.weight_decay) and self.weight_decay >= 0,
+              f"weight_decay must be a number >= 0 (0 = none), e.g. 0.01, got {self.weight_decay!r}")
+        require(is_int(self.warmup) and 0 <= self.warmup, f"warmup must be an int >= 0 (steps; 0 = none), e.g. 20, got {self.warmup!r}")
+        require(self.grad_clip is None or (is_number(self.grad_clip) and self.grad_clip > 0),
+              f"grad_clip must be a number > 0 or None (no clipping), e.g. 1.0, got {self.grad_clip!r}")
+        require(is_int(self.ignore_index), f"ignore_index must be an int (label value without a target), e.g. -100, got {self.ignore_index!r}")
 
 
 # ----------------------------------------------------------------------------- losses
 def soft_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """T^2 * KL(softmax(t / T) || softmax(s / T)), summed over classes, averaged over rows.
 
-    This is ``nn.KLDivLoss(reduction="batchmean")``; the default ``reduction="mean"`` also divides
-    by the number of classes C, which makes the soft term C times too small.
+    On these 2-D (N, C) inputs this is ``nn.KLDivLoss(reduction="batchmean")``, which sums and
+    divides by the first dimension only. On a language model's raw (B, T, V) logits ``batchmean``
+    would divide by B alone, i.e. return T (sequence length) times the per-token KL: flatten to
+    (B*T, V) first, as :func:`kd_loss` does. The default ``reduction="mean"`` divides by every
+    element, rows and classes, which makes the soft term C (or V) times too small.
 
     Args: student_logits, teacher_logits (N, C); temperature T > 0. Returns: a scalar tensor.
     """
@@ -171,10 +186,6 @@ def _capture(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch
             handle.remove()
 
 
-def _logits(output: object) -> torch.Tensor:
-    return output if isinstance(output, torch.Tensor) else output.logits  # type: ignore[attr-defined]
-
-
 class Distiller(nn.Module):
     """The objective of one run: ``distiller(batch) -> (loss, parts)`` (parts: floats to log).
 
@@ -210,11 +221,11 @@ class Distiller(nn.Module):
         if cfg.alpha < 1 and self.teacher is None and not cached:
             raise ValueError("alpha < 1 needs a teacher or batches (x, labels, teacher_logits); use alpha=1 to train alone")
         with _capture(self.student, [h.student_module for h in self.hints]) as s_feats:
-            s_logits = _logits(self.student(x))
+            s_logits = evaluate.logits(self.student(x))
         t_logits, t_feats = (cached[0] if cached else None), {}
         if self.teacher is not None and (self.hints or (cfg.alpha < 1 and not cached)):
             with torch.no_grad(), _capture(self.teacher, [h.teacher_module for h in self.hints]) as t_feats:
-                live = _logits(self.teacher(x))
+                live = evaluate.logits(self.teacher(x))
             t_logits = live if t_logits is None else t_logits
         loss = kd_loss(s_logits, t_logits, labels, cfg.temperature, cfg.alpha, ignore_index=cfg.ignore_index)
         parts = {"task": loss.item()}
@@ -227,30 +238,6 @@ class Distiller(nn.Module):
 
 
 # ----------------------------------------------------------------------------- training
-def minibatches(*tensors: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Endless shuffled minibatches of equally long tensors (epochs without replacement); the same
-    generator seed gives the same batches, so runs compared "on the same data" really share them."""
-    n = len(tensors[0])
-    if not 0 < batch_size <= n or any(len(t) != n for t in tensors):
-        raise ValueError(f"need equally long tensors and 0 < batch_size <= {n}, got {batch_size}")
-    while True:
-        order = torch.randperm(n, generator=generator)
-        for i in range(0, n - batch_size + 1, batch_size):
-            idx = order[i : i + batch_size]
-            yield tuple(t[idx] for t in tensors)
-
-
-def lm_windows(ids: torch.Tensor, block_size: int, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless batches of random windows of a token stream: inputs (B, T) and next tokens (B, T)."""
-    if ids.dim() != 1 or len(ids) <= block_size:
-        raise ValueError(f"need a 1-D stream longer than block_size={block_size}, got {tuple(ids.shape)}")
-    offsets = torch.arange(block_size + 1)  # (T+1,)
-    while True:
-        starts = torch.randint(0, len(ids) - block_size, (batch_size,), generator=generator)  # (B,)
-        window = ids[starts[:, None] + offsets]  # (B, T+1)
-        yield window[:, :-1], window[:, 1:]
-
-
 def train(objective: Callable, batches: Iterable, config: DistillConfig,
           params: Iterable[nn.Parameter] | None = None, progress: bool = False, desc: str = "distill") -> dict[str, list[float]]:
     """Minimise ``objective(batch)[0]`` for ``config.steps`` AdamW steps (tqdm bar if ``progress``).
@@ -274,15 +261,15 @@ def train(objective: Callable, batches: Iterable, config: DistillConfig,
 
 
 # ----------------------------------------------------------------------------- students
-def vision_student(teacher: VisionTeacher, width: float = 0.5) -> VisionTeacher:
-    """A fresh :class:`VisionTeacher` with every width scaled by ``width`` in (0, 1]. Parameters
+def vision_student(teacher: SmallCNN, width: float = 0.5) -> SmallCNN:
+    """A fresh :class:`SmallCNN` with every width scaled by ``width`` in (0, 1]. Parameters
     scale ~ width^2: 0.5 gives about a quarter of the teacher's, 0.7 about half."""
     if not 0 < width <= 1:
         raise ValueError(f"width must be in (0, 1] (a student no wider than its teacher), got {width!r}")
     convs = [m for m in teacher.features if isinstance(m, nn.Conv2d)]
     hidden, head = teacher.classifier[1], teacher.classifier[-1]
     narrow = lambda c: max(1, round(c * width))  # noqa: E731
-    return VisionTeacher(channels=tuple(narrow(m.out_channels) for m in convs), hidden=narrow(hidden.out_features),
+    return SmallCNN(channels=tuple(narrow(m.out_channels) for m in convs), hidden=narrow(hidden.out_features),
                          num_classes=head.out_features, in_channels=convs[0].in_channels)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator
+from typing import Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _logits(output: object) -> torch.Tensor:
+def logits(output: object) -> torch.Tensor:
     """Logits from a plain tensor output or a Hugging Face ``ModelOutput``."""
     return output if isinstance(output, torch.Tensor) else output.logits  # type: ignore[attr-defined]
 
@@ -37,6 +37,31 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def predictions(
+    model: nn.Module,
+    X: torch.Tensor,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Top-1 predicted class of each input, int64 (N,) on the CPU (for paired tests, lessons_lib.stats).
+
+    Args:
+        model: maps a batch of inputs (B, ...) to logits (B, num_classes).
+        X: inputs (N, ...); cast to the model's floating dtype on the fly.
+        batch_size: inputs per forward pass.
+        device: where to run.
+    """
+    if len(X) == 0:
+        raise ValueError("X must hold at least one input")
+    dtype = _model_dtype(model)
+    preds = []
+    with _eval_mode(model):
+        for i in range(0, len(X), batch_size):
+            xb = X[i : i + batch_size].to(device=device, dtype=dtype if X.is_floating_point() else X.dtype)
+            preds.append(logits(model(xb)).argmax(dim=-1).cpu())
+    return torch.cat(preds)
+
+
 def accuracy(
     model: nn.Module,
     X: torch.Tensor,
@@ -44,27 +69,10 @@ def accuracy(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
 ) -> float:
-    """Top-1 accuracy of a classifier.
-
-    Args:
-        model: maps a batch of inputs (B, ...) to logits (B, num_classes).
-        X: inputs (N, ...); cast to the model's floating dtype on the fly.
-        y: integer labels (N,).
-        batch_size: inputs per forward pass.
-        device: where to run.
-    Returns:
-        The fraction of correct predictions, in [0, 1].
-    """
+    """Top-1 accuracy of a classifier: the share of :func:`predictions` equal to ``y`` (N,), in [0, 1]."""
     if len(X) != len(y) or len(X) == 0:
         raise ValueError(f"X and y must be non-empty and equally long, got {len(X)} and {len(y)}")
-    dtype = _model_dtype(model)
-    correct = 0
-    with _eval_mode(model):
-        for i in range(0, len(X), batch_size):
-            xb = X[i : i + batch_size].to(device=device, dtype=dtype if X.is_floating_point() else X.dtype)
-            pred = _logits(model(xb)).argmax(dim=-1).cpu()
-            correct += int((pred == y[i : i + batch_size]).sum())
-    return correct / len(X)
+    return int((predictions(model, X, batch_size, device) == y).sum()) / len(X)
 
 
 def causal_lm_nll(
@@ -100,9 +108,9 @@ def causal_lm_nll(
     with _eval_mode(model):
         for i in range(0, n_blocks, batch_size):
             xb = blocks[i : i + batch_size].to(device)  # (B, T)
-            logits = _logits(model(xb)).float()  # (B, T, V)
+            z = logits(model(xb)).float()  # (B, T, V)
             nll = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.size(-1)),  # (B*(T-1), V)
+                z[:, :-1].reshape(-1, z.size(-1)),  # (B*(T-1), V)
                 xb[:, 1:].reshape(-1),  # (B*(T-1),)
                 reduction="sum",
             )
@@ -163,6 +171,27 @@ def mean_pool(last_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.
     """
     mask = attention_mask.unsqueeze(-1).to(last_hidden.dtype)  # (B, T, 1)
     return (last_hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1e-9)
+
+
+def sentence_embeddings(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]],
+                        device: torch.device | str = "cpu") -> torch.Tensor:
+    """Mean-pooled sentence embeddings (:func:`mean_pool`) of a Hugging Face encoder, e.g. MiniLM.
+
+    Args:
+        model: returns ``last_hidden_state`` (B, T, H) for ``input_ids`` and ``attention_mask``.
+        batches: tokenizer outputs, each with ``input_ids`` and ``attention_mask`` (B, T).
+        device: where to run.
+    Returns:
+        float32 (N, H) on the CPU, the batches' rows in order.
+    """
+    out = []
+    with _eval_mode(model), torch.inference_mode():
+        for b in batches:
+            ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
+            out.append(mean_pool(model(input_ids=ids, attention_mask=mask).last_hidden_state, mask).float().cpu())
+    if not out:
+        raise ValueError("batches is empty: pass at least one tokenizer output")
+    return torch.cat(out)  # (N, H)
 
 
 def nearest_neighbour_agreement(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from lessons_lib import quantize
+from lessons_lib.checks import is_int, is_number, require
 
 BITS = (2, 3, 4, 8)
 
@@ -42,7 +43,8 @@ class GPTQConfig:
     Args:
         bits: 2, 3, 4 or 8.
         group_size: input columns per (scale, zero point); None = one per output row.
-        symmetric: zero point fixed at the middle of the range (False: asymmetric, as GPTQ's default).
+        symmetric: zero point fixed at the middle of the code range, 2^(bits-1), with all 2^bits codes
+            in use (as the reference quantizer of IST-DASLab/gptq); False: asymmetric, GPTQ's default.
         damp_ratio: dampening lambda = damp_ratio * mean(diag H), added to the diagonal.
         block_size: columns per lazy block update (the paper's B = 128).
         act_order: quantize columns by decreasing Hessian diagonal.
@@ -56,23 +58,30 @@ class GPTQConfig:
     act_order: bool = False
 
     def __post_init__(self) -> None:
-        if self.bits not in BITS or isinstance(self.bits, bool):
-            raise ValueError(f"bits must be one of {BITS}, got {self.bits!r}")
-        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1):
-            raise ValueError(f"group_size must be None (per output row) or a positive int such as 128, got {self.group_size!r}")
-        if not 0 <= self.damp_ratio < 1:
-            raise ValueError(f"damp_ratio must be in [0, 1), e.g. 0.01, got {self.damp_ratio!r}")
-        if not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ValueError(f"block_size must be a positive int, e.g. 128, got {self.block_size!r}")
+
+
+        require(is_int(self.bits) and self.bits in BITS, f"bits must be one of {BITS}, got {self.bits!r}")
+        require(self.group_size is None or (is_int(self.group_size) and self.group_size >= 1),
+              f"group_size must be None (per output row) or a positive int such as 128, got {self.group_size!r}")
+        require(isinstance(self.symmetric, bool), f"symmetric must be True or False, got {self.symmetric!r}")
+        require(is_number(self.damp_ratio) and 0 <= self.damp_ratio < 1,
+              f"damp_ratio must be a number in [0, 1), e.g. 0.01, got {self.damp_ratio!r}")
+        require(is_int(self.block_size) and self.block_size >= 1, f"block_size must be a positive int, e.g. 128, got {self.block_size!r}")
+        require(isinstance(self.act_order, bool), f"act_order must be True or False, got {self.act_order!r}")
 
     def quant_config(self) -> quantize.QuantConfig:
         """The per-row min-max quantizer applied to one group of columns."""
         return quantize.QuantConfig(bits=self.bits, symmetric=self.symmetric, granularity="per_channel", axis=0)
 
     def check_width(self, cols: int) -> None:
-        if self.group_size is not None and cols % self.group_size:
-            raise ValueError(f"group_size={self.group_size} must divide the input width {cols}; "
-                             f"use a divisor of {cols} or group_size=None")
+        check_group_size(self.group_size, cols)
+
+
+def check_group_size(group_size: int | None, cols: int) -> None:
+    """Raise ``ValueError`` unless ``group_size`` (None = one group per row) divides ``cols``."""
+    if group_size is not None and cols % group_size:
+        raise ValueError(f"group_size={group_size} must divide the input width {cols}; "
+                         f"use a divisor of {cols} or group_size=None")
 
 
 @dataclass
@@ -82,28 +91,28 @@ class QuantizedWeight:
     Attributes:
         qweight: integer codes (rows, cols), uint8, in the original column order.
         scale: float32 (rows, n_groups); n_groups = cols // group_size, or 1 per row.
-        zero: int32 (rows, n_groups), in the unsigned code range [0, 2^bits - 1].
+        zero_point: int32 (rows, n_groups), in the unsigned code range [0, 2^bits - 1].
         bits, group_size: as configured.
         loss: sum over rows and columns of the OBS loss (w - q)^2 / (2 [H^-1]_qq) (0 for RTN).
     """
 
     qweight: torch.Tensor
     scale: torch.Tensor
-    zero: torch.Tensor
+    zero_point: torch.Tensor
     bits: int
     group_size: int | None
     loss: float = 0.0
 
     def dequantize(self) -> torch.Tensor:
         """W_hat = scale * (q - zero), float32 (rows, cols)."""
-        return dequantize_codes(self.qweight, self.scale, self.zero, self.group_size)
+        return dequantize_codes(self.qweight, self.scale, self.zero_point, self.group_size)
 
 
-def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int | None) -> torch.Tensor:
-    """scale * (q - zero) with per-group parameters (rows, n_groups) broadcast over columns."""
+def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """scale * (q - zero_point) with per-group parameters (rows, n_groups) broadcast over columns."""
     repeat = q.shape[1] if group_size is None else group_size
     s = scale.float().repeat_interleave(repeat, dim=1)  # (rows, cols)
-    z = zero.float().repeat_interleave(repeat, dim=1)  # (rows, cols)
+    z = zero_point.float().repeat_interleave(repeat, dim=1)  # (rows, cols)
     return s * (q.float() - z)
 
 

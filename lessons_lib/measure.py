@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -167,6 +167,37 @@ def benchmark(
         if max_seconds is not None and spent >= max_seconds:
             break
     return Timing(tuple(times))
+
+
+def interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int, rounds: int = 5,
+                device: torch.device | str = "cpu", warmup: int = 1) -> dict[str, Timing]:
+    """Time several callables in turns, so that a change in the machine's load hits them alike.
+
+    Each callable gets ``warmup`` untimed calls, then ``rounds`` rounds in which every callable in
+    turn is timed ``max(1, repeats // rounds)`` times with :func:`benchmark`. Compare the medians
+    of the result (ratios between them are what interleaving protects; lesson 00 shows why one
+    set of timings cannot reveal load).
+
+    Args:
+        fns: name -> the work to time (inputs prepared, as for :func:`benchmark`).
+        repeats: timed calls per callable in all (about; rounded down to a multiple of ``rounds``).
+        rounds: how many times to alternate (>= 1).
+        device: where the work runs (CUDA is synchronised around every timed call).
+        warmup: untimed calls of each callable first (>= 0).
+    Returns:
+        name -> :class:`Timing` of all its timed calls, in the order of ``fns``.
+    """
+    if not fns or repeats < 1 or rounds < 1 or warmup < 0:
+        raise ValueError(f"need at least one callable, repeats >= 1, rounds >= 1 and warmup >= 0, "
+                         f"got {len(fns)} callables, repeats={repeats}, rounds={rounds}, warmup={warmup}")
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, tuple[float, ...]] = {name: () for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name] += benchmark(fn, device, warmup=0, repeats=max(1, repeats // rounds)).times_ms
+    return {name: Timing(t) for name, t in times.items()}
 
 
 def _rss_bytes() -> int:

@@ -2,9 +2,15 @@
 
 ``bits``-bit codes are packed as a little-endian bit stream along each row: 4-bit codes two per
 byte (low nibble first), 3-bit codes eight per three bytes, 2-bit codes four per byte. Each group
-of ``group_size`` inputs of each output row keeps a float16 scale and a uint8 zero point, as in
-the GPTQ checkpoint formats (scales are stored in FP16 there too). A model saved with
-:func:`save_packed` takes on disk what it takes in memory: the size you measure is the real one.
+of ``group_size`` inputs of each output row keeps a float16 scale and a ``bits``-bit zero point;
+a group's zero points (one per output row) are packed the same way, along the outputs. That is the
+storage cost of the GPTQ checkpoint formats (AutoGPTQ / GPTQModel: ``qweight`` and ``qzeros``
+packed at ``bits`` into int32 words, ``scales`` in FP16), minus their ``g_idx`` (one int32 per
+input column, which our contiguous groups do not need). A model saved with :func:`save_packed`
+takes on disk what it takes in memory: the size you measure is the real one.
+
+Example: a 4096 -> 4096 layer at 4 bits with groups of 128 stores 4096 * 4096 / 2 bytes of codes,
+4096 * 32 * 2 bytes of scales and 32 * 4096 / 2 bytes of zero points (8.4 MB + 262 kB + 65.5 kB).
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """
     if codes.dim() != 2:
         raise ValueError(f"codes must be 2-D (rows, cols), got shape {tuple(codes.shape)}")
-    if codes.numel() and int(codes.max()) >= 2**bits:
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
         raise ValueError(f"codes must lie in [0, {2**bits - 1}] for bits={bits}")
     rows, cols = codes.shape
     shifts = torch.arange(bits, dtype=torch.int64)
@@ -51,20 +57,23 @@ def unpack_bits(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
 class PackedLinear(nn.Module):
     """A Linear layer whose weight is stored as packed ``bits``-bit codes with group scales.
 
-    Buffers: ``qweight`` uint8 (out, ceil(in * bits / 8)), ``scale`` float16 (out, n_groups),
-    ``zero`` uint8 (out, n_groups), optional ``bias`` float32 (out,). The forward pass unpacks and
-    dequantizes the whole weight, then multiplies: simple and exact, but not fast (fast kernels
-    fuse the unpacking into the matmul; see the lesson's GPU section).
+    Buffers: ``qweight`` uint8 (out, ceil(in * bits / 8)), the codes packed along each row;
+    ``scale`` float16 (out, n_groups); ``qzeros`` uint8 (n_groups, ceil(out * bits / 8)), the zero
+    points packed at ``bits`` along the outputs (as GPTQ's ``qzeros``); optional ``bias`` float32
+    (out,). The forward pass unpacks and dequantizes the whole weight, then multiplies: simple and
+    exact, but not fast (fast kernels fuse the unpacking into the matmul; see the lesson's GPU section).
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None, bias: bool) -> None:
         super().__init__()
-        gptq.GPTQConfig(bits=bits, group_size=group_size).check_width(in_features)
+        if bits not in gptq.BITS or isinstance(bits, bool):
+            raise ValueError(f"bits must be one of {gptq.BITS}, got {bits!r}")
+        gptq.check_group_size(group_size, in_features)
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
         n_groups = in_features // group_size if group_size else 1
         self.register_buffer("qweight", torch.zeros(out_features, math.ceil(in_features * bits / 8), dtype=torch.uint8))
         self.register_buffer("scale", torch.zeros(out_features, n_groups, dtype=torch.float16))
-        self.register_buffer("zero", torch.zeros(out_features, n_groups, dtype=torch.uint8))
+        self.register_buffer("qzeros", torch.zeros(n_groups, math.ceil(out_features * bits / 8), dtype=torch.uint8))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
     @classmethod
@@ -72,15 +81,19 @@ class PackedLinear(nn.Module):
         layer = cls(linear.in_features, linear.out_features, qw.bits, qw.group_size, linear.bias is not None)
         layer.qweight.copy_(pack_bits(qw.qweight, qw.bits))
         layer.scale.copy_(qw.scale.to(torch.float16))
-        layer.zero.copy_(qw.zero.to(torch.uint8))
+        layer.qzeros.copy_(pack_bits(qw.zero_point.T.contiguous(), qw.bits))  # (n_groups, out) packed along out
         if linear.bias is not None:
             layer.bias.copy_(linear.bias.detach().float())
         return layer
 
+    def zero_points(self) -> torch.Tensor:
+        """The unpacked zero points, uint8 (out, n_groups)."""
+        return unpack_bits(self.qzeros, self.bits, self.out_features).T  # (out, n_groups)
+
     def dequantized_weight(self) -> torch.Tensor:
         """The weight the layer computes with, float32 (out, in)."""
-        codes = unpack_bits(self.qweight, self.bits, self.in_features)
-        return gptq.dequantize_codes(codes, self.scale, self.zero, self.group_size)
+        codes = unpack_bits(self.qweight, self.bits, self.in_features)  # (out, in)
+        return gptq.dequantize_codes(codes, self.scale, self.zero_points(), self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -90,18 +103,13 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def pack_model_(model: nn.Module, quantized: dict[str, gptq.QuantizedWeight]) -> nn.Module:
     """Replace each named Linear by a :class:`PackedLinear` holding its quantized weight."""
     for name, qw in quantized.items():
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"{name} is a {type(linear).__name__}, not an nn.Linear")
-        _set_module(model, name, PackedLinear.from_quantized(linear, qw))
+        model.set_submodule(name, PackedLinear.from_quantized(linear, qw))
     return model
 
 
@@ -128,7 +136,7 @@ def load_packed(folder: str | Path) -> nn.Module:
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
     spec = json.loads((folder / QUANT_FILE).read_text())["modules"]
     for name, s in spec.items():
-        _set_module(model, name, PackedLinear(s["in"], s["out"], s["bits"], s["group_size"], s["bias"]))
+        model.set_submodule(name, PackedLinear(s["in"], s["out"], s["bits"], s["group_size"], s["bias"]))
     load_model(model, str(folder / WEIGHTS_FILE))
     return model.eval()
 
@@ -150,7 +158,7 @@ def tinygemm_weight(qw: gptq.QuantizedWeight, device: torch.device | str) -> tup
         raise ValueError(f"tinygemm needs 4-bit weights with groups (e.g. group_size=128), got bits={qw.bits}, group_size={qw.group_size}")
     device = torch.device(device)
     scale = qw.scale.float()  # (out, n_groups)
-    zero_float = scale * (8 - qw.zero.float())  # (out, n_groups)
+    zero_float = scale * (8 - qw.zero_point.float())  # (out, n_groups)
     scales_and_zeros = torch.stack([scale, zero_float], dim=-1).transpose(0, 1).contiguous()  # (n_groups, out, 2)
     codes = qw.qweight.to(torch.int32)  # (out, in)
     if device.type == "cuda":

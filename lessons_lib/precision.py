@@ -115,7 +115,14 @@ def bit_string(value: float, name: str) -> str:
 
 
 def round_trip(x: torch.Tensor, name: str) -> torch.Tensor:
-    """``x`` stored in a float format and read back as float32 (round to nearest even)."""
+    """``x`` stored in a float format and read back as float32 (round to nearest even).
+
+    Rounding, not truncation: BF16 has the layout of FP32's top 16 bits, but converting can round
+    up, and a round-up can carry into the exponent (or, at FP32's very top, overflow to inf).
+
+    >>> round_trip(torch.tensor([0.1, 65504.0]), "bf16").tolist()  # truncation: 0.099609375, 65280.0
+    [0.10009765625, 65536.0]
+    """
     return x.to(dtype_of(check_format(name, FLOAT_FORMATS))).float()
 
 

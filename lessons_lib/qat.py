@@ -13,7 +13,7 @@
   retrain the rest to compensate, repeat: the idea behind :func:`progressive_`.
 
 Phases: :func:`fold_batchnorm_` (optional), :func:`prepare_` (swap Linear/Conv2d for
-:class:`QATLinear`/:class:`QATConv2d`), :func:`calibrate_` (that much alone is static PTQ), train (:func:`fine_tune`, with :func:`warmup_step_decay`),
+:class:`QATLinear`/:class:`QATConv2d`), :func:`calibrate_` (that much alone is static PTQ), train (:func:`fine_tune`, with :func:`lessons_lib.training.warmup_step_decay`),
 then :func:`convert` to :class:`IntLinear`/:class:`IntConv2d`, which store integer weights and
 compute with integers.
 """
@@ -30,9 +30,13 @@ from lessons_lib import quantize, training
 from lessons_lib.quantize import QuantConfig
 
 
-def weight_config(bits: int = 4) -> QuantConfig:
-    """Weights: signed symmetric, one scale per output channel, min-max of the current weights."""
-    return QuantConfig(bits=bits, symmetric=True, granularity="per_channel", axis=0, observer="minmax")
+def weight_config(bits: int = 4, narrow_range: bool = False) -> QuantConfig:
+    """Weights: signed symmetric, one scale per output channel, min-max of the current weights.
+
+    All 2^bits codes by default; ``narrow_range=True`` drops the most negative one (at 2 bits:
+    codes {-1, 0, 1} only), see :class:`lessons_lib.quantize.QuantConfig`."""
+    return QuantConfig(bits=bits, symmetric=True, granularity="per_channel", axis=0, observer="minmax",
+                       narrow_range=narrow_range)
 
 
 def activation_config(bits: int = 8, averaging_constant: float = 0.01) -> QuantConfig:
@@ -61,6 +65,7 @@ class FakeQuantize(nn.Module):
         if track and config.granularity != "per_tensor":
             raise ValueError(f"tracked (activation) ranges are per tensor here, got granularity={config.granularity!r}")
         self.config, self.track, self.enabled = config, track, True
+        self._calibrating = False  # set by calibrate_: running min-max instead of the moving average
         self.register_buffer("lo", torch.zeros(()))
         self.register_buffer("hi", torch.zeros(()))
         self.register_buffer("seen", torch.zeros((), dtype=torch.long))
@@ -75,11 +80,15 @@ class FakeQuantize(nn.Module):
             raise RuntimeError("this activation quantizer has seen no data: run a forward pass in train mode first")
         return quantize.qparams_from_range(self.lo, self.hi, self.config)
 
-    def observe(self, x: torch.Tensor) -> None:
+    def observe(self, x: torch.Tensor, running_minmax: bool = False) -> None:
+        """Update the tracked range with one batch: a moving average (c = ``averaging_constant``),
+        or, with ``running_minmax``, the running min and max (how :func:`calibrate_` uses it)."""
         lo, hi = quantize.batch_range(x.detach(), self.config)  # shape () per tensor
         lo, hi = lo.to(self.lo), hi.to(self.hi)
         if int(self.seen) == 0:
             self.lo.copy_(lo), self.hi.copy_(hi)
+        elif running_minmax:
+            torch.minimum(self.lo, lo, out=self.lo), torch.maximum(self.hi, hi, out=self.hi)
         else:
             c = self.config.averaging_constant
             self.lo.add_(c * (lo - self.lo)), self.hi.add_(c * (hi - self.hi))
@@ -87,7 +96,7 @@ class FakeQuantize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.track and self.training:
-            self.observe(x)
+            self.observe(x, running_minmax=self._calibrating)
         if not self.enabled:
             return x
         scale, zero = self.qparams(x)
@@ -180,11 +189,6 @@ def quantizable_layers(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def prepare_(model: nn.Module, w_config: QuantConfig, a_config: QuantConfig | None = None,
              layers: Sequence[str] | None = None) -> list[str]:
     """Swap Linear/Conv2d layers of ``model`` for their QAT versions, in place, weights kept.
@@ -210,7 +214,7 @@ def prepare_(model: nn.Module, w_config: QuantConfig, a_config: QuantConfig | No
         if isinstance(m, QAT_TYPES):
             continue
         qat = (QATLinear if isinstance(m, nn.Linear) else QATConv2d).from_float(m, w_config, a_config)
-        _set(model, n, qat)
+        model.set_submodule(n, qat)
         done.append(n)
     return done
 
@@ -219,21 +223,33 @@ def prepare_(model: nn.Module, w_config: QuantConfig, a_config: QuantConfig | No
 def calibrate_(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
     """Post-training calibration: run input batches with only the activation quantizers observing.
 
-    Everything else stays in eval mode (no dropout inflating the ranges, batch-norm statistics
-    untouched). Returns the model in eval mode, activation ranges set: this is static PTQ.
+    Each activation range becomes the running min and max over all calibration batches (as
+    torch.ao's ``MinMaxObserver``), replacing whatever range it had: every batch counts the same,
+    whatever its position. (QAT training then moves the ranges by the moving average of
+    :class:`FakeQuantize`.) Everything else stays in eval mode (no dropout inflating the ranges,
+    batch-norm statistics untouched). Returns the model in eval mode, ranges set: static PTQ.
     """
     trackers = [m for m in model.modules() if isinstance(m, FakeQuantize) and m.track]
     if not trackers:
         raise ValueError("the model has no activation quantizers: prepare_(model, w_config, a_config) first")
     model.eval()
+    saved = [(m.lo.clone(), m.hi.clone(), m.seen.clone()) for m in trackers]
     for m in trackers:
+        m.seen.zero_()
         m.train()
+        m._calibrating = True
     seen = 0
-    for x in batches:
-        model(x)
-        seen += 1
-    model.eval()
+    try:
+        for x in batches:
+            model(x)
+            seen += 1
+    finally:
+        for m in trackers:
+            m._calibrating = False
+        model.eval()
     if seen == 0:
+        for m, (lo, hi, n) in zip(trackers, saved):  # nothing observed: leave the ranges as they were
+            m.lo.copy_(lo), m.hi.copy_(hi), m.seen.copy_(n)
         raise ValueError("calibration needs at least one batch of inputs")
     return model
 
@@ -252,7 +268,7 @@ class _IntMixin:
     qweight: torch.Tensor
     w_scale: torch.Tensor
     in_scale: torch.Tensor | None
-    in_zero: torch.Tensor | None
+    in_zero_point: torch.Tensor | None
 
     def _store(self, qat: _QATMixin, weight: torch.Tensor) -> None:
         self.w_config = qat.weight_fq.config
@@ -263,9 +279,9 @@ class _IntMixin:
         if qat.input_fq is not None:
             s, z = qat.input_fq.qparams()
             self.register_buffer("in_scale", s.reshape(()).float())  # type: ignore[attr-defined]
-            self.register_buffer("in_zero", z.reshape(()).float())  # type: ignore[attr-defined]
+            self.register_buffer("in_zero_point", z.reshape(()).float())  # type: ignore[attr-defined]
         else:
-            self.in_scale = self.in_zero = None
+            self.in_scale = self.in_zero_point = None
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.qweight.float() * self.w_scale.reshape(-1, *([1] * (self.qweight.dim() - 1)))
@@ -274,8 +290,8 @@ class _IntMixin:
         """(q_x - z_x) as float holding integers, and the per-channel output scale (out,)."""
         if self.a_config is None:  # weights only: the input stays float
             return x, self.w_scale
-        q = quantize.quantize(x, self.in_scale.reshape(1), self.in_zero.reshape(1).int(), self.a_config)
-        return q.float() - self.in_zero, self.in_scale * self.w_scale
+        q = quantize.quantize(x, self.in_scale.reshape(1), self.in_zero_point.reshape(1).int(), self.a_config)
+        return q.float() - self.in_zero_point, self.in_scale * self.w_scale
 
 
 class IntLinear(_IntMixin, nn.Module):
@@ -326,39 +342,11 @@ def convert(model: nn.Module) -> nn.Module:
         raise ValueError("the model has no QAT layers: call prepare_(model, ...) and train it first")
     for n in names:
         m = model.get_submodule(n)
-        _set(model, n, IntLinear(m) if isinstance(m, QATLinear) else IntConv2d(m))
+        model.set_submodule(n, IntLinear(m) if isinstance(m, QATLinear) else IntConv2d(m))
     return model
 
 
 # ----------------------------------------------------------------------------- training
-def warmup_step_decay(total_steps: int, warmup_steps: int, decay_every: int, gamma: float = 0.1) -> Callable[[int], float]:
-    """The learning-rate factor at each step: linear warm-up, then step decay.
-
-        factor(step) = (step + 1) / warmup_steps          for step < warmup_steps
-                     = gamma ** (step // decay_every)     afterwards
-
-    (the source's ``lr * 0.1 ** (epoch // decay)``, with steps for epochs). Multiply the base
-    learning rate by it, or pass it to ``torch.optim.lr_scheduler.LambdaLR``.
-    """
-    def is_int(v: object) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    if not (is_int(total_steps) and total_steps >= 1):
-        raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
-    if not (is_int(warmup_steps) and 0 <= warmup_steps < total_steps):
-        raise ValueError(f"warmup_steps must be an int in [0, total_steps={total_steps}) "
-                         f"(0 = no warm-up; a warm-up as long as training never trains at full rate), got {warmup_steps!r}")
-    if not (is_int(decay_every) and decay_every >= 1):
-        raise ValueError(f"decay_every must be an int >= 1 (steps between decays; > total_steps = never), got {decay_every!r}")
-    if not 0 < gamma <= 1:
-        raise ValueError(f"gamma must be in (0, 1] (0.1 = divide by ten at each decay), got {gamma!r}")
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return gamma ** (step // decay_every)
-
-    return factor
 
 
 def fine_tune(model: nn.Module, batches: Iterable, steps: int, lr: float, schedule: Callable[[int], float] | None = None,

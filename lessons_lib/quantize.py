@@ -9,7 +9,11 @@ Inference", arXiv:1712.05877, eq. 1; Nagel et al., "A White Paper on Neural Netw
 arXiv:2106.08295, sec. 2.2; Krishnamoorthi, "Quantizing deep convolutional networks for efficient
 inference: A whitepaper", arXiv:1806.08342, sec. 2). Symmetric quantization fixes ``z = 0`` and
 uses signed integers; asymmetric quantization uses unsigned integers with zero exactly
-representable. One (s, z) pair covers the whole tensor ("per_tensor"), one slice along ``axis``
+representable. A symmetric b-bit grid uses all 2^b codes [-2^(b-1), 2^(b-1) - 1] by default, with
+step ``max|x| / (2^(b-1) - 1/2)`` (torch.ao's symmetric observers; GPTQ's reference quantizer);
+``narrow_range=True`` keeps the older, restricted grid [-(2^(b-1) - 1), 2^(b-1) - 1] with step
+``max|x| / (2^(b-1) - 1)``: symmetric around zero, which some int8 kernels require, but one code
+short (at 2 bits only the three codes {-1, 0, 1} remain). One (s, z) pair covers the whole tensor ("per_tensor"), one slice along ``axis``
 ("per_channel"), or ``group_size`` consecutive values along the last dimension ("per_group").
 
 Observers choose the clipping range [lo, hi] from data: min-max, a moving average of batch
@@ -30,6 +34,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lessons_lib.checks import is_int, is_number, require
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 OBSERVERS = ("minmax", "moving_average", "percentile", "mse")
@@ -52,6 +58,10 @@ class QuantConfig:
         percentile: for "percentile", the share (in %) of values kept inside the range, (0, 100].
         averaging_constant: for "moving_average", c in lo <- lo + c (batch_lo - lo), in (0, 1].
         mse_grid: for "mse", how many clipping ratios in (0, 1] of the min-max range to try.
+        narrow_range: symmetric only. False (default): all 2^b codes, s = max|x| / ((qmax - qmin) / 2)
+            (torch.ao's symmetric observers, GPTQ's reference quantizer). True: the restricted grid
+            [-(2^(b-1) - 1), 2^(b-1) - 1], s = max|x| / qmax (zero in the middle of a range that is
+            symmetric; TensorFlow's ``narrow_range``; what some int8 kernels expect).
     """
 
     bits: int = 8
@@ -63,31 +73,32 @@ class QuantConfig:
     percentile: float = 99.9
     averaging_constant: float = 0.01
     mse_grid: int = 100
+    narrow_range: bool = False
 
     def __post_init__(self) -> None:
-        def check(ok: bool, message: str) -> None:
-            if not ok:
-                raise ValueError(message)
 
-        def is_int(v: object) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
 
-        check(is_int(self.bits) and 2 <= self.bits <= 8, f"bits must be an int in 2..8 (8 for INT8, 4 for INT4), got {self.bits!r}")
-        check(isinstance(self.symmetric, bool), f"symmetric must be True or False, got {self.symmetric!r}")
-        check(self.granularity in GRANULARITIES, f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        check(self.observer in OBSERVERS, f"observer must be one of {OBSERVERS}, got {self.observer!r}")
+        require(is_int(self.bits) and 2 <= self.bits <= 8, f"bits must be an int in 2..8 (8 for INT8, 4 for INT4), got {self.bits!r}")
+        require(isinstance(self.symmetric, bool), f"symmetric must be True or False, got {self.symmetric!r}")
+        require(self.granularity in GRANULARITIES, f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        require(self.observer in OBSERVERS, f"observer must be one of {OBSERVERS}, got {self.observer!r}")
         if self.granularity == "per_group":
-            check(is_int(self.group_size) and self.group_size >= 1,
+            require(is_int(self.group_size) and self.group_size >= 1,
                   f"per_group needs a positive int group_size (e.g. 32, 128), got {self.group_size!r}")
         else:
-            check(self.group_size is None, f"group_size is only used with granularity='per_group'; use None for {self.granularity!r}")
-        check(0 < self.percentile <= 100, f"percentile must be in (0, 100], e.g. 99.9, got {self.percentile!r}")
-        check(0 < self.averaging_constant <= 1, f"averaging_constant must be in (0, 1], e.g. 0.01, got {self.averaging_constant!r}")
-        check(is_int(self.mse_grid) and self.mse_grid >= 1, f"mse_grid must be a positive int, e.g. 100, got {self.mse_grid!r}")
+            require(self.group_size is None, f"group_size is only used with granularity='per_group'; use None for {self.granularity!r}")
+        require(is_number(self.percentile) and 0 < self.percentile <= 100, f"percentile must be in (0, 100], e.g. 99.9, got {self.percentile!r}")
+        require(is_number(self.averaging_constant) and 0 < self.averaging_constant <= 1, f"averaging_constant must be in (0, 1], e.g. 0.01, got {self.averaging_constant!r}")
+        require(is_int(self.mse_grid) and self.mse_grid >= 1, f"mse_grid must be a positive int, e.g. 100, got {self.mse_grid!r}")
+        require(isinstance(self.narrow_range, bool), f"narrow_range must be True or False, got {self.narrow_range!r}")
+        require(self.symmetric or not self.narrow_range,
+              "narrow_range=True is for symmetric grids only; use narrow_range=False with symmetric=False")
 
     @property
     def qmin(self) -> int:
-        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+        if not self.symmetric:
+            return 0
+        return -(2 ** (self.bits - 1)) + (1 if self.narrow_range else 0)
 
     @property
     def qmax(self) -> int:
@@ -190,8 +201,10 @@ def batch_range(x: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, tor
 def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point that map the range [lo, hi] onto [qmin, qmax].
 
-    Symmetric: s = max(|lo|, |hi|) / qmax, z = 0 (the largest magnitude maps to +-qmax; torch.ao's
-    observers divide by (qmax - qmin) / 2 = 127.5 instead). Asymmetric: the range is widened to
+    Symmetric: s = max(|lo|, |hi|) / ((qmax - qmin) / 2), z = 0: at 8 bits 127.5, so the 256 codes
+    cover [-max, max] (+max itself rounds to 128 and is clipped to 127 by half a step), as torch.ao's
+    symmetric observers and GPTQ's reference quantizer; with ``narrow_range`` (qmin = -qmax) this is
+    max / qmax and +-max map exactly to +-qmax. Asymmetric: the range is widened to
     contain 0, s = (hi - lo) / (qmax - qmin), z = qmin - round(lo / s) (as torch.ao's MinMaxObserver).
 
     Returns:
@@ -199,7 +212,7 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, config: QuantConfig) 
     """
     lo, hi = lo.float(), hi.float()
     if config.symmetric:
-        scale = (torch.maximum(-lo, hi) / config.qmax).clamp_min(_EPS)
+        scale = (torch.maximum(-lo, hi) / ((config.qmax - config.qmin) / 2)).clamp_min(_EPS)
         return scale, torch.zeros_like(scale, dtype=torch.int32)
     lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     scale = ((hi - lo) / (config.qmax - config.qmin)).clamp_min(_EPS)
@@ -360,7 +373,28 @@ def quantize_linears_(
     targets = [(name, m) for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and (filter_fn is None or filter_fn(m, name))]
     for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, WeightOnlyLinear.from_linear(linear, config))
+        model.set_submodule(name, WeightOnlyLinear.from_linear(linear, config))
     return [name for name, _ in targets]
+
+
+def fake_quantize_weights_(
+    model: nn.Module, config: QuantConfig, filter_fn: Callable[[nn.Module, str], bool] | None = None
+) -> list[str]:
+    """Replace, in place, the weight of every ``nn.Linear`` / ``nn.Conv2d`` by its fake-quantized
+    values (:func:`fake_quantize`, float32 kept): the model computes as with quantized weights,
+    at full size. For measuring what a weight format costs in accuracy, before storing it for real.
+
+    Args:
+        model: any module.
+        config: the weight quantizer (e.g. symmetric, per_channel, axis 0).
+        filter_fn: ``filter_fn(module, name) -> bool`` picks the layers (all Linear/Conv2d if None).
+    Returns:
+        The qualified names of the layers changed.
+    """
+    names = []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and (filter_fn is None or filter_fn(m, name)):
+            with torch.no_grad():
+                m.weight.copy_(fake_quantize(m.weight.detach(), config))
+            names.append(name)
+    return names

@@ -2,7 +2,7 @@
 
 - ``vision``: a small CNN for 28x28 digits, written so that eager-mode quantization works on it
   unchanged: Conv-BatchNorm-ReLU triples are separate modules at fusable names
-  (``torch.ao.quantization.fuse_modules(model, VisionTeacher.FUSE_GROUPS)``), ReLUs are modules,
+  (``torch.ao.quantization.fuse_modules(model, SmallCNN.FUSE_GROUPS)``), ReLUs are modules,
   and wrapping it in ``torch.ao.quantization.QuantWrapper`` adds the quant/dequant stubs.
 - ``lm``: a 12-layer Llama (Touvron et al., "LLaMA", arXiv:2302.13971) causal LM, tiny in width.
 - ``moe``: a Mixtral (Jiang et al., "Mixtral of Experts", arXiv:2401.04088) sparse-MoE causal LM,
@@ -18,8 +18,9 @@ from torch import nn
 ARCHS = ("llama", "mixtral")
 
 
-class VisionTeacher(nn.Module):
-    """Three Conv-BN-ReLU-MaxPool blocks, then a two-layer MLP head.
+class SmallCNN(nn.Module):
+    """Three Conv-BN-ReLU-MaxPool blocks, then a two-layer MLP head: the vision teacher's
+    architecture, and, narrower, its students' (:func:`lessons_lib.distill.vision_student`).
 
     Args:
         channels: output channels of the three conv blocks.

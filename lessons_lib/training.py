@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lessons_lib.checks import is_int
+
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -24,6 +26,34 @@ def warmup_cosine(step: int, total: int, warmup: int, lr: float) -> float:
         return lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def warmup_step_decay(total_steps: int, warmup_steps: int, decay_every: int, gamma: float = 0.1) -> Callable[[int], float]:
+    """The learning-rate factor at each step: linear warm-up, then step decay.
+
+        factor(step) = (step + 1) / warmup_steps          for step < warmup_steps
+                     = gamma ** (step // decay_every)     afterwards
+
+    (the source's ``lr * 0.1 ** (epoch // decay)``, with steps for epochs). Multiply the base
+    learning rate by it, or pass it to ``torch.optim.lr_scheduler.LambdaLR``.
+    """
+
+    if not (is_int(total_steps) and total_steps >= 1):
+        raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
+    if not (is_int(warmup_steps) and 0 <= warmup_steps < total_steps):
+        raise ValueError(f"warmup_steps must be an int in [0, total_steps={total_steps}) "
+                         f"(0 = no warm-up; a warm-up as long as training never trains at full rate), got {warmup_steps!r}")
+    if not (is_int(decay_every) and decay_every >= 1):
+        raise ValueError(f"decay_every must be an int >= 1 (steps between decays; > total_steps = never), got {decay_every!r}")
+    if not 0 < gamma <= 1:
+        raise ValueError(f"gamma must be in (0, 1] (0.1 = divide by ten at each decay), got {gamma!r}")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return gamma ** (step // decay_every)
+
+    return factor
 
 
 def matrices_only(p: nn.Parameter) -> bool:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lessons_lib import data, evaluate, teachers, training
+from lessons_lib import data, evaluate, moe, teachers, training
 
 TEACHERS = ("vision", "lm", "moe")
 VISION_FILES = ("vision_teacher.safetensors", "vision_teacher.json")
@@ -83,7 +83,7 @@ def _augment(x: torch.Tensor, cfg: teachers.VisionConfig, g: torch.Generator) ->
     return F.grid_sample(x, grid, align_corners=False)
 
 
-def train_vision(cfg: teachers.VisionConfig, progress: bool = False) -> teachers.VisionTeacher:
+def train_vision(cfg: teachers.VisionConfig, progress: bool = False) -> teachers.SmallCNN:
     """Train the vision teacher on the MNIST train split; keep the best weights on val.
 
     AdamW with weight decay on every parameter, warm-up + cosine rate, augmented batches; the
@@ -100,19 +100,11 @@ def train_vision(cfg: teachers.VisionConfig, progress: bool = False) -> teachers
     g = torch.Generator().manual_seed(cfg.seed)
     X, y = data.load_mnist("train")
     X_val, y_val = data.load_mnist("val")
-    model = teachers.VisionTeacher(**cfg.model_kwargs())
-
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # reshuffled whenever fewer than a batch remain
-        order = torch.empty(0, dtype=torch.long)
-        while True:
-            if len(order) < cfg.batch_size:
-                order = torch.randperm(len(X), generator=g)
-            idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
-            yield _augment(X[idx], cfg, g), y[idx]
+    model = teachers.SmallCNN(**cfg.model_kwargs())
 
     def objective(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         model.train()
-        loss = F.cross_entropy(model(batch[0]), batch[1])
+        loss = F.cross_entropy(model(_augment(batch[0], cfg, g)), batch[1])
         return loss, {}
 
     best = {"state": copy.deepcopy(model.state_dict()), "acc": -1.0, "bad_checks": 0}
@@ -127,7 +119,8 @@ def train_vision(cfg: teachers.VisionConfig, progress: bool = False) -> teachers
             best["bad_checks"] += 1
         return best["bad_checks"] >= cfg.patience
 
-    training.run(objective, batches(), cfg.steps, lambda step: training.warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr),
+    batches = data.minibatches(X, y, batch_size=cfg.batch_size, generator=g)  # the augmentation draws from g too
+    training.run(objective, batches, cfg.steps, lambda step: training.warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr),
                  model.parameters(), optimizer="adamw", weight_decay=cfg.weight_decay, on_step=keep_best,
                  progress=progress, desc="vision")
     model.load_state_dict(best["state"])
@@ -150,72 +143,19 @@ def train_causal_lm(cfg: teachers.CausalLMConfig, progress: bool = False) -> nn.
     model = teachers.build_causal_lm(cfg, eot_id=data.load_tokenizer().token_to_id(data.EOT))
     aux = cfg.arch == "mixtral" and cfg.router_aux_loss_coef > 0
 
-    def windows() -> Iterator[torch.Tensor]:
-        while True:
-            starts = torch.randint(0, len(ids) - cfg.context, (cfg.batch_size,), generator=g)  # (B,)
-            yield ids[starts[:, None] + torch.arange(cfg.context)]  # (B, T)
-
     def objective(x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         loss = model(input_ids=x, labels=x, **({"output_router_logits": True} if aux else {})).loss
         return loss, {}
 
     model.train()
-    training.run(objective, windows(), cfg.steps, lambda step: training.warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr),
+    windows = (x for x, _ in data.lm_windows(ids, cfg.context, cfg.batch_size, g))  # inputs (B, T); the model shifts labels
+    training.run(objective, windows, cfg.steps, lambda step: training.warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr),
                  model.parameters(), optimizer="adamw", weight_decay=cfg.weight_decay, decays=training.matrices_only,
                  betas=(0.9, 0.95), grad_clip=1.0, progress=progress, desc=cfg.arch)
     return model.eval()
 
 
 # ----------------------------------------------------------------------------- metrics
-def expert_usage(model: nn.Module, tokens: torch.Tensor, block_size: int = 128, batch_size: int = 8) -> torch.Tensor:
-    """Share of the top-k routing assignments that each expert receives, per MoE layer.
-
-    Tokens are cut into non-overlapping ``block_size`` blocks (tail dropped); each token sends
-    ``top_k`` assignments, so a uniform router gives every expert 1 / num_experts.
-
-    Args:
-        model: a Hugging Face MoE causal LM that accepts ``output_router_logits=True`` (Mixtral).
-        tokens: token ids (N,).
-        block_size: tokens per block.
-        batch_size: blocks per forward pass.
-    Returns:
-        Usage (layers, experts), float32, each row summing to 1.
-    """
-    top_k, n_experts = model.config.num_experts_per_tok, model.config.num_local_experts
-    n_blocks = len(tokens) // block_size
-    if n_blocks == 0:
-        raise ValueError(f"need at least {block_size} tokens, got {len(tokens)}")
-    blocks = tokens[: n_blocks * block_size].view(n_blocks, block_size)  # (n_blocks, T)
-    counts = torch.zeros(model.config.num_hidden_layers, n_experts)
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        for i in range(0, n_blocks, batch_size):
-            router_logits = model(blocks[i : i + batch_size], output_router_logits=True).router_logits
-            for layer, logits in enumerate(router_logits):  # logits: (B*T, E)
-                chosen = logits.topk(top_k, dim=-1).indices  # (B*T, top_k)
-                counts[layer] += torch.bincount(chosen.flatten(), minlength=n_experts).float()
-    model.train(was_training)
-    return counts / counts.sum(dim=-1, keepdim=True)
-
-
-def usage_summary(usage: torch.Tensor) -> dict:
-    """Unevenness of expert usage (layers, experts), JSON-ready.
-
-    Returns:
-        usage rows; per layer the coefficient of variation (std / mean, 0 = perfectly even), the
-        max/min ratio (None where some expert gets nothing) and the count of unused experts;
-        the overall min and max usage.
-    """
-    low, high = usage.min(dim=-1).values, usage.max(dim=-1).values  # (layers,)
-    cv = usage.std(dim=-1, unbiased=False) / usage.mean(dim=-1)  # (layers,)
-    return {"usage": [[round(float(u), 6) for u in row] for row in usage],
-            "cv_per_layer": [round(float(c), 4) for c in cv],
-            "max_min_ratio_per_layer": [round(float(h / l), 4) if l > 0 else None for h, l in zip(high, low)],
-            "unused_experts_per_layer": [int(n) for n in (usage == 0).sum(dim=-1)],
-            "min_usage": round(float(usage.min()), 6), "max_usage": round(float(usage.max()), 6)}
-
-
 def teacher_metrics(name: str, model: nn.Module, max_tokens: int | None = None) -> dict:
     """The metrics recorded in the manifest, measured on the val and test splits.
 
@@ -239,7 +179,7 @@ def teacher_metrics(name: str, model: nn.Module, max_tokens: int | None = None) 
                "unigram_val_perplexity": evaluate.unigram_perplexity(train, val, model.config.vocab_size),
                "block_size": context, "val_tokens": len(val), "test_tokens": len(test)}
     if name == "moe":
-        metrics["expert_usage_val"] = usage_summary(expert_usage(model, val, block_size=context))
+        metrics["expert_usage_val"] = moe.usage_summary(moe.expert_usage(model, val, block_size=context))
     return metrics
 
 
@@ -312,7 +252,7 @@ def load_teacher(name: str, source: str = "zoo", directory: Path | None = None) 
         data.verify_file(rel, directory, rebuild=rebuild_command(name))
     if name != "vision":
         return AutoModelForCausalLM.from_pretrained(directory / f"{name}_teacher").eval()
-    model = teachers.VisionTeacher(**json.loads((directory / VISION_FILES[1]).read_text()))
+    model = teachers.SmallCNN(**json.loads((directory / VISION_FILES[1]).read_text()))
     model.load_state_dict(load_file(str(directory / VISION_FILES[0])))
     return model.eval()
 

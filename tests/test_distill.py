@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lessons_lib import distill, teachers
+from lessons_lib import data, distill, teachers
 
 
 def _hand_kd(s, t, y, T, alpha):
@@ -58,6 +58,23 @@ def test_default_kldivloss_is_c_times_too_small(logits):
         wrong = nn.KLDivLoss()(torch.log_softmax(s, -1), torch.softmax(t, -1))  # reduction="mean"
     right = distill.soft_loss(s, t, temperature=1.0)
     torch.testing.assert_close(right, wrong * s.size(-1))
+
+
+def test_batchmean_divides_by_the_first_dimension_only_so_sequences_are_flattened():
+    # (B, T, V) language-model logits: batchmean sums over all B*T tokens and divides by B alone,
+    # i.e. T times the per-token KL; flattened to (B*T, V) it is the per-token KL, which kd_loss returns.
+    g = torch.Generator().manual_seed(2)
+    B, T, V = 3, 5, 11
+    s, t = torch.randn(B, T, V, generator=g, dtype=torch.float64), torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    log_q, log_p = torch.log_softmax(s, -1), torch.log_softmax(t, -1)  # (B, T, V)
+    per_token = (log_p.exp() * (log_p - log_q)).sum(-1).mean()  # sum over V, mean over the B*T tokens
+    batchmean = nn.KLDivLoss(reduction="batchmean")
+    torch.testing.assert_close(batchmean(log_q, log_p.exp()), T * per_token)
+    torch.testing.assert_close(batchmean(log_q.reshape(-1, V), log_p.exp().reshape(-1, V)), per_token)
+    with pytest.warns(UserWarning, match="batchmean"):
+        torch.testing.assert_close(nn.KLDivLoss()(log_q, log_p.exp()), per_token / V)  # the default: V times too small
+    torch.testing.assert_close(distill.kd_loss(s, t, temperature=1.0, alpha=0.0), per_token.float())
+    torch.testing.assert_close(distill.soft_loss(s.reshape(-1, V), t.reshape(-1, V), temperature=1.0), per_token.float())
 
 
 def test_zero_when_student_equals_teacher(logits):
@@ -127,8 +144,19 @@ def test_temperature_squared_keeps_gradient_size_comparable():
     ({"temperature": -1.0}, "temperature must be > 0"),
     ({"alpha": 1.5}, r"alpha must be in \[0, 1\]"),
     ({"alpha": -0.1}, r"alpha must be in \[0, 1\]"),
-    ({"steps": 0}, "steps >= 1"),
-    ({"grad_clip": 0.0}, "grad_clip"),
+    ({"temperature": "2"}, "temperature must be a number"),
+    ({"alpha": None}, "alpha must be a number"),
+    ({"feature_weight": -1.0}, "feature_weight must be a number >= 0"),
+    ({"steps": 0}, "steps must be an int >= 1"),
+    ({"steps": 10.0}, "steps must be an int >= 1"),
+    ({"steps": True}, "steps must be an int >= 1"),
+    ({"lr": 0.0}, "lr must be a number > 0"),
+    ({"lr": "1e-3"}, "lr must be a number > 0"),
+    ({"weight_decay": -0.1}, "weight_decay must be a number >= 0"),
+    ({"warmup": -1}, "warmup must be an int >= 0"),
+    ({"warmup": 2.5}, "warmup must be an int >= 0"),
+    ({"grad_clip": 0.0}, "grad_clip must be a number > 0 or None"),
+    ({"ignore_index": 1.5}, "ignore_index must be an int"),
 ])
 def test_config_refuses_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -185,7 +213,7 @@ def test_feature_hint_projection_shapes_and_zero_at_match():
 
 def test_distiller_with_hints_on_the_vision_teacher():
     torch.manual_seed(0)
-    teacher = teachers.VisionTeacher().eval()
+    teacher = teachers.SmallCNN().eval()
     student = distill.vision_student(teacher, width=0.5)
     hint = distill.FeatureHint("features", "features", 32, 64, channel_dim=1)  # (16, 32, 32) convs
     d = distill.Distiller(student, teacher, distill.DistillConfig(alpha=0.5, feature_weight=1.0), [hint])
@@ -199,7 +227,7 @@ def test_distiller_with_hints_on_the_vision_teacher():
 
 # ----------------------------------------------------------------------------- students
 def test_vision_student_is_narrower_and_smaller():
-    teacher = teachers.VisionTeacher()
+    teacher = teachers.SmallCNN()
     student = distill.vision_student(teacher, width=0.5)
     convs = [m.out_channels for m in student.features if isinstance(m, nn.Conv2d)]
     assert convs == [16, 32, 32] and student.classifier[1].out_features == 64
@@ -267,7 +295,7 @@ def test_training_with_kd_moves_the_student_towards_the_teacher():
     with torch.no_grad():
         before = distill.kd_loss(student(X), teacher(X), temperature=2.0, alpha=0.0).item()
     history = distill.train(distill.Distiller(student, teacher, cfg),
-                            distill.minibatches(X, y, batch_size=32, generator=torch.Generator().manual_seed(0)), cfg)
+                            data.minibatches(X, y, batch_size=32, generator=torch.Generator().manual_seed(0)), cfg)
     with torch.no_grad():
         after = distill.kd_loss(student(X), teacher(X), temperature=2.0, alpha=0.0).item()
     assert len(history["loss"]) == 60 and after < 0.5 * before
@@ -277,9 +305,9 @@ def test_training_with_kd_moves_the_student_towards_the_teacher():
 
 def test_minibatches_and_lm_windows_are_seeded_and_shifted():
     X, y = torch.arange(10.0), torch.arange(10)
-    a = next(distill.minibatches(X, y, batch_size=4, generator=torch.Generator().manual_seed(3)))
-    b = next(distill.minibatches(X, y, batch_size=4, generator=torch.Generator().manual_seed(3)))
+    a = next(data.minibatches(X, y, batch_size=4, generator=torch.Generator().manual_seed(3)))
+    b = next(data.minibatches(X, y, batch_size=4, generator=torch.Generator().manual_seed(3)))
     assert torch.equal(a[0], b[0]) and torch.equal(a[0].long(), a[1])
     ids = torch.arange(100)
-    x, target = next(distill.lm_windows(ids, block_size=8, batch_size=3, generator=torch.Generator().manual_seed(0)))
+    x, target = next(data.lm_windows(ids, block_size=8, batch_size=3, generator=torch.Generator().manual_seed(0)))
     assert x.shape == target.shape == (3, 8) and torch.equal(target, x + 1)

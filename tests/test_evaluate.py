@@ -105,3 +105,30 @@ class ConfidentlyWrong(nn.Module):
 
 def test_perplexity_of_a_broken_model_is_inf_not_an_exception():
     assert evaluate.perplexity(ConfidentlyWrong(), torch.arange(30) % 3, block_size=10) == math.inf
+
+
+@pytest.mark.parametrize("window,blocks", [(10, 10), (25, 4), (64, 1)])
+def test_the_window_sets_how_many_tokens_are_scored(window, blocks):
+    """Lesson 03's ``eval_window``: len // window windows, each predicting its tokens 2..window."""
+    ids = torch.randint(0, 7, (100,), generator=torch.Generator().manual_seed(window))
+    total, count = evaluate.causal_lm_nll(UniformLM(7), ids, block_size=window)
+    assert count == blocks * (window - 1)
+    assert total == pytest.approx(count * math.log(7))
+
+
+def test_sentence_embeddings_ignore_padding_and_match_mean_pool_by_hand():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32, max_position_embeddings=16)).eval()
+    ids = torch.tensor([[2, 5, 7, 9], [3, 4, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    emb = evaluate.sentence_embeddings(model, [{"input_ids": ids[:1], "attention_mask": mask[:1]},
+                                               {"input_ids": ids[1:], "attention_mask": mask[1:]}])
+    with torch.no_grad():
+        h = model(input_ids=ids, attention_mask=mask).last_hidden_state  # (2, 4, 16)
+        alone = model(input_ids=ids[1:, :2]).last_hidden_state  # the short sentence without padding
+    torch.testing.assert_close(emb[0], h[0].mean(0))
+    torch.testing.assert_close(emb[1], alone[0].mean(0), rtol=1e-5, atol=1e-5)
+    assert emb.shape == (2, 16)

@@ -111,3 +111,14 @@ def test_state_bytes_counts_the_inner_tensors_of_torchao_weights():
     quantize_(int4, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32)))
     groups = out * inp // 32  # int4 values stored one per byte ("unpacked"), a scale and zero point per group
     assert measure.state_bytes(int4) == out * inp + groups * 4 + groups + bias
+
+
+def test_interleaved_alternates_the_callables_round_by_round():
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    timings = measure.interleaved(fns, repeats=6, rounds=3, warmup=2)
+    assert calls == ["a", "a", "b", "b"] + ["a", "a", "b", "b"] * 3  # warm-up, then 3 rounds of 2 calls each
+    assert list(timings) == ["a", "b"] and all(len(t.times_ms) == 6 for t in timings.values())
+    with pytest.raises(ValueError, match="rounds >= 1"):
+        measure.interleaved(fns, repeats=6, rounds=0)
+

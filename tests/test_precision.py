@@ -51,11 +51,35 @@ def test_fp16_fields_agree_with_numpy():
     np.testing.assert_array_equal(mantissa.numpy(), raw & 0x3FF)
 
 
-def test_bf16_is_the_top_half_of_fp32():
+def test_bf16_has_the_layout_of_fp32s_top_half():
     values = torch.randn(100, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     s16, e16, m16 = precision.float_fields(values)
     s32, e32, m32 = precision.float_fields(values.float())  # exact widening
     assert torch.equal(s16, s32) and torch.equal(e16, e32) and torch.equal(m16, m32 >> 16)
+
+
+def _bf16_nearest_even_by_bits(values: np.ndarray) -> np.ndarray:
+    """FP32 -> BF16 -> FP32 on the FP32 bit patterns: add 0x7FFF plus the last kept bit, drop 16 bits."""
+    bits = values.astype(np.float32).view(np.uint32).astype(np.int64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+    return rounded.astype(np.uint32).view(np.float32)
+
+
+def test_bf16_conversion_rounds_to_nearest_even_not_truncates():
+    rng = np.random.default_rng(4)
+    values = (rng.standard_normal(2000) * 10.0 ** rng.integers(-30, 30, 2000)).astype(np.float32)
+    one = np.float32(1.0).view(np.uint32)
+    ties = np.array([one + 0x8000, one + 0x18000], dtype=np.uint32).view(np.float32)  # 1 + 2**-8, 1 + 3 * 2**-8
+    special = np.array([0.1, -0.1, 65504.0, np.finfo(np.float32).max, 1e-40, -1e-40], dtype=np.float32)
+    values = np.concatenate([values, ties, special])
+    stored = precision.round_trip(torch.from_numpy(values), "bf16").numpy()
+    np.testing.assert_array_equal(stored, _bf16_nearest_even_by_bits(values))
+    assert np.any(stored != ((values.view(np.uint32) >> 16) << 16).view(np.float32))  # not a truncation
+    assert stored[-6] > values[-6]  # 0.1 rounds up (its dropped bits start 11...); truncation would go down
+    assert (stored[-8], stored[-7]) == (1.0, 1 + 2**-6)  # exact ties go to the even neighbour, down and up
+    assert stored[-4] == 65536.0 and precision.bit_string(65504.0, "bf16") == "0 10001111 0000000"  # carry
+    assert np.isinf(stored[-3])  # the carry overflows at the top of FP32's range
+    assert precision.describe_value(65504.0, "bf16")["stored"] == 65536.0
 
 
 def test_bit_string():

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lessons_lib import qat, quantize, teachers
+from lessons_lib import qat, quantize, teachers, training
 
 
 def _gen(seed=0):
@@ -18,7 +18,7 @@ def _gen(seed=0):
 
 def _tiny_cnn(seed=0):
     torch.manual_seed(seed)
-    return teachers.VisionTeacher(channels=(4, 8, 8), hidden=16).eval()
+    return teachers.SmallCNN(channels=(4, 8, 8), hidden=16).eval()
 
 
 def _observe(model, x):
@@ -161,12 +161,12 @@ def test_the_integer_accumulator_holds_exact_integers():
 
 
 def test_schedule_matches_its_formula_at_the_boundaries():
-    f = qat.warmup_step_decay(total_steps=100, warmup_steps=10, decay_every=30, gamma=0.1)
+    f = training.warmup_step_decay(total_steps=100, warmup_steps=10, decay_every=30, gamma=0.1)
     assert f(0) == pytest.approx(0.1) and f(4) == pytest.approx(0.5) and f(9) == pytest.approx(1.0)
     assert f(10) == 1.0 and f(29) == 1.0  # step // 30 == 0
     assert f(30) == pytest.approx(0.1) and f(59) == pytest.approx(0.1)
     assert f(60) == pytest.approx(0.01) and f(99) == pytest.approx(0.001)
-    g = qat.warmup_step_decay(total_steps=5, warmup_steps=0, decay_every=2, gamma=0.5)
+    g = training.warmup_step_decay(total_steps=5, warmup_steps=0, decay_every=2, gamma=0.5)
     assert [g(s) for s in range(5)] == [1.0, 1.0, 0.5, 0.5, 0.25]
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, f)
@@ -189,7 +189,7 @@ def test_fine_tune_lowers_the_loss_and_follows_the_schedule():
             for i in range(0, 256, 32):
                 yield X[i : i + 32], y[i : i + 32]
 
-    schedule = qat.warmup_step_decay(60, 5, 40)
+    schedule = training.warmup_step_decay(60, 5, 40)
     history = qat.fine_tune(model, batches(), 60, 0.1, schedule)
     assert history["lr"] == pytest.approx([0.1 * schedule(s) for s in range(60)])
     assert sum(history["loss"][-8:]) < 0.5 * sum(history["loss"][:8])
@@ -221,13 +221,13 @@ def test_bad_input_is_refused_with_what_is_accepted():
         with pytest.raises(ValueError, match="bits must be an int in 2..8"):
             qat.activation_config(bits)
     with pytest.raises(ValueError, match=r"warmup_steps must be an int in \[0, total_steps=100\)"):
-        qat.warmup_step_decay(100, 100, 30)
+        training.warmup_step_decay(100, 100, 30)
     with pytest.raises(ValueError, match=r"warmup_steps must be an int in \[0, total_steps=100\)"):
-        qat.warmup_step_decay(100, 150, 30)
+        training.warmup_step_decay(100, 150, 30)
     with pytest.raises(ValueError, match="decay_every must be an int >= 1"):
-        qat.warmup_step_decay(100, 10, 0)
+        training.warmup_step_decay(100, 10, 0)
     with pytest.raises(ValueError, match=r"gamma must be in \(0, 1\]"):
-        qat.warmup_step_decay(100, 10, 30, gamma=0)
+        training.warmup_step_decay(100, 10, 30, gamma=0)
     model = _tiny_cnn()
     noop = lambda m, k: None  # noqa: E731
     for stages in ([], [[]], [["features.0"], []]):
@@ -256,10 +256,24 @@ def test_calibrate_sets_ranges_in_eval_mode_so_dropout_does_not_inflate_them():
     with torch.no_grad():  # what reaches layer 2 without dropout, batch by batch
         h1, h2 = (model[0](b) for b in (x[:32], x[32:]))
     fq = model[2].input_fq
+    h = torch.cat([h1, h2])  # calibration: the running min and max over every batch, each batch counts the same
+    assert float(fq.hi) == pytest.approx(float(h.max()), rel=1e-6) and float(fq.lo) == pytest.approx(float(h.min()), rel=1e-6)
+    from torch.ao.quantization.observer import MinMaxObserver
+
+    theirs = MinMaxObserver(quant_min=0, quant_max=255)
+    for b in (h2, h1):
+        theirs(b)
+    t_scale, t_zero = theirs.calculate_qparams()
+    scale, zero = fq.qparams()
+    torch.testing.assert_close(scale, t_scale.reshape(()))
+    assert int(zero) == int(t_zero)
+    qat.calibrate_(model, [x[32:], x[:32]])  # again, other order: the same range (calibration starts afresh)
+    assert float(fq.hi) == pytest.approx(float(h.max()), rel=1e-6) and float(fq.lo) == pytest.approx(float(h.min()), rel=1e-6)
+    wide = x[:32] * 100
+    with torch.no_grad():
+        model[2].train()(wide)  # in training, the moving average takes over: one step of c towards the batch
     c = fq.config.averaging_constant
-    expected_hi = float(h1.max()) + c * (float(h2.max()) - float(h1.max()))  # first batch, then one EMA step
-    expected_lo = float(h1.min()) + c * (float(h2.min()) - float(h1.min()))
-    assert float(fq.hi) == pytest.approx(expected_hi, rel=1e-5) and float(fq.lo) == pytest.approx(expected_lo, rel=1e-5)
+    assert float(fq.hi) == pytest.approx(float(h.max()) + c * (float(wide.max()) - float(h.max())), rel=1e-5)
     with pytest.raises(ValueError, match="no activation quantizers"):
         qat.calibrate_(nn.Sequential(qat.QATLinear.from_float(nn.Linear(2, 2), qat.weight_config(8), None)), [x])
     with pytest.raises(ValueError, match="at least one batch"):

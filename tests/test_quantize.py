@@ -104,7 +104,12 @@ def test_values_beyond_the_range_clip_to_the_end_levels():
     torch.testing.assert_close(x_hat[[0, -1]], torch.tensor([-1.0, 2.0]))  # the ends of the range
     sym = Q.QuantConfig(bits=8, symmetric=True, granularity="per_tensor")
     s, z = Q.qparams_from_range(torch.tensor(-3.0), torch.tensor(1.0), sym)
-    assert Q.quantize(torch.tensor([-3.0, 3.0, -1e6, 1e6]), s, z, sym).tolist() == [-127, 127, -128, 127]
+    torch.testing.assert_close(s, torch.tensor(3.0 / 127.5))  # all 256 codes: step max / 127.5
+    assert Q.quantize(torch.tensor([-3.0, 3.0, -1e6, 1e6]), s, z, sym).tolist() == [-128, 127, -128, 127]
+    narrow = Q.QuantConfig(bits=8, symmetric=True, granularity="per_tensor", narrow_range=True)
+    s, z = Q.qparams_from_range(torch.tensor(-3.0), torch.tensor(1.0), narrow)
+    torch.testing.assert_close(s, torch.tensor(3.0 / 127))  # restricted grid: step max / 127
+    assert Q.quantize(torch.tensor([-3.0, 3.0, -1e6, 1e6]), s, z, narrow).tolist() == [-127, 127, -127, 127]
 
 
 def test_fake_quantize_gradient_is_straight_through_inside_and_zero_when_clipped():
@@ -137,12 +142,49 @@ def test_minmax_observer_by_hand():
     x = torch.tensor([[-1.0, 0.5, 2.0], [-0.2, 0.1, 0.4], [1.0, 3.0, 2.5]])
     sym = Q.QuantConfig(granularity="per_channel")
     scale, zero = Q.compute_qparams(x, sym)
-    torch.testing.assert_close(scale, torch.tensor([2.0, 0.4, 3.0]) / 127)
+    torch.testing.assert_close(scale, torch.tensor([2.0, 0.4, 3.0]) / 127.5)
     assert zero.tolist() == [0, 0, 0]
+    narrow = Q.QuantConfig(granularity="per_channel", narrow_range=True)
+    torch.testing.assert_close(Q.compute_qparams(x, narrow)[0], torch.tensor([2.0, 0.4, 3.0]) / 127)
     asym = Q.QuantConfig(symmetric=False, granularity="per_channel")
     scale, zero = Q.compute_qparams(x, asym)
     torch.testing.assert_close(scale, torch.tensor([3.0, 0.6, 3.0]) / 255)  # row 3 widened to [0, 3]
     assert zero.tolist() == [round(1 / (3 / 255)), round(0.2 / (0.6 / 255)), 0]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+def test_symmetric_minmax_equals_torch_symmetric_observers(bits, granularity):
+    from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
+
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(6, 40, generator=g) * torch.linspace(0.1, 3, 6)[:, None]
+    config = Q.QuantConfig(bits=bits, symmetric=True, granularity=granularity, axis=0)
+    kwargs = dict(dtype=torch.qint8, quant_min=config.qmin, quant_max=config.qmax)
+    theirs = (MinMaxObserver(qscheme=torch.per_tensor_symmetric, **kwargs) if granularity == "per_tensor"
+              else PerChannelMinMaxObserver(ch_axis=0, qscheme=torch.per_channel_symmetric, **kwargs))
+    theirs(x)
+    t_scale, t_zero = theirs.calculate_qparams()
+    scale, zero = Q.compute_qparams(x, config)
+    torch.testing.assert_close(scale, t_scale.reshape(scale.shape))
+    assert zero.flatten().tolist() == t_zero.flatten().tolist()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_a_b_bit_symmetric_quantizer_uses_all_2_to_the_b_codes(bits):
+    # A tensor that needs every code: evenly spread over [-m, m], many values per step. With the full
+    # grid -m lands exactly on the tie -(2^(b-1) - 1/2) steps, which rounds (half to even) to the
+    # bottom code: m is chosen so that the step is exactly 1/4 and float rounding cannot break the tie.
+    m = (2 ** (bits - 1) - 0.5) / 4
+    x = torch.linspace(-m, m, 64 * 2**bits).reshape(1, -1)
+    full = Q.QuantConfig(bits=bits, symmetric=True, granularity="per_tensor")
+    q = Q.quantize(x, *Q.compute_qparams(x, full), full)
+    assert q.unique().tolist() == list(range(-(2 ** (bits - 1)), 2 ** (bits - 1)))
+    narrow = Q.QuantConfig(bits=bits, symmetric=True, granularity="per_tensor", narrow_range=True)
+    q = Q.quantize(x, *Q.compute_qparams(x, narrow), narrow)
+    assert q.unique().tolist() == list(range(-(2 ** (bits - 1)) + 1, 2 ** (bits - 1)))  # one code fewer
+    if bits == 2:
+        assert q.unique().tolist() == [-1, 0, 1]  # the three-level "2-bit" grid
 
 
 def test_asymmetric_minmax_and_moving_average_equal_torch_observers():
@@ -172,7 +214,7 @@ def test_percentile_observer_by_hand():
     config = Q.QuantConfig(symmetric=True, granularity="per_tensor", observer="percentile", percentile=99.0)
     scale, _ = Q.compute_qparams(x, config)
     k = round(0.99 * 999) + 1  # nearest rank, 1-based
-    torch.testing.assert_close(scale, x.abs().sort().values[k - 1] / 127)
+    torch.testing.assert_close(scale, x.abs().sort().values[k - 1] / 127.5)
     assert float(scale) < 1000 / 127 * 1.01  # the outlier is clipped, not stretched over
     asym = Q.QuantConfig(symmetric=False, granularity="per_tensor", observer="percentile", percentile=90.0)
     lo, hi = Q.batch_range(x - 500, asym)
@@ -188,11 +230,11 @@ def test_mse_observer_equals_a_brute_force_search_and_beats_minmax_on_heavy_tail
         amax = x[row].abs().max()
         errs = []
         for i in range(1, 51):
-            s = amax * (i / 50) / 7
+            s = amax * (i / 50) / 7.5  # the full 4-bit grid: (qmax - qmin) / 2 = 7.5
             x_hat = torch.clamp(torch.round(x[row] / s), -8, 7) * s
             errs.append(float((x_hat - x[row]).pow(2).mean()))
         best = min(range(50), key=errs.__getitem__)
-        torch.testing.assert_close(scale[row], amax * ((best + 1) / 50) / 7)
+        torch.testing.assert_close(scale[row], amax * ((best + 1) / 50) / 7.5)
     minmax = Q.QuantConfig(bits=4, granularity="per_channel")
     err_mse = (Q.fake_quantize(x, config) - x).pow(2).mean()
     err_minmax = (Q.fake_quantize(x, minmax) - x).pow(2).mean()
@@ -267,6 +309,7 @@ def test_quantize_linears_replaces_only_the_chosen_linears_in_place():
     ({"granularity": "per_group"}, "group_size"), ({"granularity": "per_group", "group_size": 0}, "group_size"),
     ({"group_size": 32}, "per_group"), ({"percentile": 0}, "percentile"), ({"averaging_constant": 2}, "averaging"),
     ({"mse_grid": 0}, "mse_grid"), ({"symmetric": "yes"}, "symmetric"),
+    ({"narrow_range": 1}, "narrow_range"), ({"symmetric": False, "narrow_range": True}, "narrow_range"),
 ])
 def test_bad_configs_raise_value_errors_that_say_what_is_accepted(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -301,3 +344,49 @@ def test_quantize_linears_works_inside_a_hugging_face_model():
     cos = F.cosine_similarity(out.flatten(0, 1), reference.flatten(0, 1), dim=-1)
     assert float(cos.min()) > 0.999
     assert all(v.dtype == torch.int8 for k, v in model.state_dict().items() if k.endswith("qweight"))
+
+
+# ----------------------------------------------------------------------------- one grid everywhere
+def test_every_symmetric_quantizer_of_the_library_uses_the_same_full_grid():
+    from lessons_lib import gptq, qat
+
+    g = torch.Generator().manual_seed(11)
+    W = torch.randn(8, 256, generator=g)
+    config = Q.QuantConfig(bits=2, symmetric=True, granularity="per_channel", axis=0)
+    scale, zero = Q.compute_qparams(W, config)
+    ours = Q.fake_quantize(W, config)
+    codes = Q.quantize(W, scale, zero, config)
+    assert codes.unique().tolist() == [-2, -1, 0, 1]
+    # the bottom code holds only a row's most negative weight, and only when that is the row's max |w|
+    negative_extreme = W.gather(1, W.abs().argmax(1, keepdim=True)).squeeze(1) < 0  # (rows,)
+    assert ((codes == -2).any(1) <= negative_extreme).all() and int((codes == -2).sum()) <= int(negative_extreme.sum())
+    # QAT's weight fake-quantizer: the same values
+    torch.testing.assert_close(qat.FakeQuantize(qat.weight_config(2), track=False)(W), ours, rtol=0, atol=0)
+    # GPTQ's symmetric RTN: codes in [0, 3] around the zero point 2 (the reference's (maxq + 1) / 2)
+    qw = gptq.rtn(W, gptq.GPTQConfig(bits=2, symmetric=True))
+    assert qw.zero_point.unique().tolist() == [2]
+    assert qw.qweight.unique().tolist() == [0, 1, 2, 3]
+    # GPTQ divides (w / s, as the reference), torch.ao multiplies by 1 / s: the two can round an exact
+    # tie (a row's -max|w| sits at -1.5 steps) to different neighbours, at the same error
+    differ = (qw.dequantize() - ours).abs() > 1e-6
+    torch.testing.assert_close(qw.dequantize()[~differ], ours[~differ], rtol=0, atol=1e-6)
+    at_tie = ((W / scale[:, None]).abs() - 1.5).abs() < 1e-5
+    assert (differ <= at_tie).all()
+    torch.testing.assert_close((qw.dequantize() - W).abs()[differ], (ours - W).abs()[differ])
+    # the restricted grid, kept as an option: three values per row at 2 bits
+    narrow = Q.fake_quantize(W, qat.weight_config(2, narrow_range=True))
+    assert narrow.div(W.abs().amax(1, keepdim=True)).unique().tolist() == [-1.0, 0.0, 1.0]
+
+
+def test_fake_quantize_weights_changes_only_the_chosen_layers_in_place():
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 5), nn.Linear(5, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = Q.QuantConfig(bits=4)
+    names = Q.fake_quantize_weights_(model, config, filter_fn=lambda m, n: n != "3")
+    assert names == ["0", "2"]
+    for n in ("0", "2"):
+        torch.testing.assert_close(model.get_submodule(n).weight, Q.fake_quantize(before[f"{n}.weight"], config), rtol=0, atol=0)
+        torch.testing.assert_close(model.get_submodule(n).bias, before[f"{n}.bias"], rtol=0, atol=0)
+    torch.testing.assert_close(model[3].weight, before["3.weight"], rtol=0, atol=0)
+    assert len(model[2].weight.unique()) <= 16 * 5  # at most 16 levels per output row

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lessons_lib import data, evaluate, teachers, zoo
+from lessons_lib import data, evaluate, moe, teachers, zoo
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = json.loads((REPO / "data" / "manifest.json").read_text())
@@ -215,7 +215,7 @@ def test_vision_teacher_reproduces_recorded_accuracy_and_fuses():
     acc = evaluate.accuracy(model, X, y)
     assert acc == pytest.approx(recorded["test_accuracy"], abs=1e-3) and acc >= 0.97
     assert (REPO / "data" / "vision_teacher.safetensors").stat().st_size < 1_000_000
-    fused = torch.ao.quantization.fuse_modules(model, teachers.VisionTeacher.FUSE_GROUPS)
+    fused = torch.ao.quantization.fuse_modules(model, teachers.SmallCNN.FUSE_GROUPS)
     assert isinstance(fused.features[3], torch.nn.MaxPool2d) and not isinstance(fused.features[1], torch.nn.BatchNorm2d)
     with torch.inference_mode():
         torch.testing.assert_close(fused(X[:64]), zoo.load_teacher("vision")(X[:64]), atol=1e-4, rtol=1e-4)
@@ -247,12 +247,12 @@ def test_moe_teacher_layout_and_uneven_usage():
     model = zoo.load_teacher("moe")
     cfg = model.config
     assert cfg.num_local_experts >= 8 and cfg.num_experts_per_tok == 2
-    moe = model.model.layers[0].mlp
+    block = model.model.layers[0].mlp
     E, H, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
-    assert moe.experts.gate_up_proj.shape == (E, 2 * I, H) and moe.experts.down_proj.shape == (E, H, I)
-    assert moe.gate.weight.shape == (E, H)
+    assert block.experts.gate_up_proj.shape == (E, 2 * I, H) and block.experts.down_proj.shape == (E, H, I)
+    assert block.gate.weight.shape == (E, H)
     recorded = MANIFEST["teachers"]["moe"]["metrics"]["expert_usage_val"]
-    usage = zoo.expert_usage(model, data.lm_tokens("val"), block_size=recorded_block_size("moe"))
+    usage = moe.expert_usage(model, data.lm_tokens("val"), block_size=recorded_block_size("moe"))
     assert usage.shape == (cfg.num_hidden_layers, E)
     torch.testing.assert_close(usage.sum(-1), torch.ones(cfg.num_hidden_layers))
     torch.testing.assert_close(usage, torch.tensor(recorded["usage"]), atol=2e-6, rtol=0)
@@ -273,11 +273,11 @@ def test_expert_usage_matches_router_choices_seen_by_hooks():
         return record
 
     handles = [layer.mlp.gate.register_forward_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
-    usage = zoo.expert_usage(model, tokens, block_size=16, batch_size=2)
+    usage = moe.expert_usage(model, tokens, block_size=16, batch_size=2)
     for h in handles:
         h.remove()
     torch.testing.assert_close(usage, counts / counts.sum(-1, keepdim=True))
-    summary = zoo.usage_summary(torch.tensor([[0.5, 0.25, 0.125, 0.125], [0.5, 0.5, 0.0, 0.0]]))
+    summary = moe.usage_summary(torch.tensor([[0.5, 0.25, 0.125, 0.125], [0.5, 0.5, 0.0, 0.0]]))
     assert summary["max_min_ratio_per_layer"] == [4.0, None] and summary["unused_experts_per_layer"] == [0, 2]
     assert summary["cv_per_layer"] == [pytest.approx(0.6124, abs=1e-4), 1.0] and summary["min_usage"] == 0.0
 
