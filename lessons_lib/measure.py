@@ -206,12 +206,15 @@ def _rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
-def peak_memory_bytes(fn: Callable[[], Any], device: torch.device | str = "cpu", interval_s: float = 0.001) -> int:
+def peak_memory_bytes(fn: Callable[[], Any], device: torch.device | str = "cpu", interval_s: float = 0.001,
+                      read_rss: Callable[[], int] = _rss_bytes) -> int:
     """Extra memory at the peak of ``fn()`` above what was in use when it started.
 
     On CUDA this is exact: ``torch.cuda.max_memory_allocated`` after a reset. On CPU it is the
-    process's resident set size, sampled every ``interval_s`` by a thread: a peak shorter than
-    the interval can be missed, and freed memory the allocator keeps still counts.
+    resident set size that ``read_rss()`` reports (default: this process's), sampled every
+    ``interval_s`` by a thread: a peak shorter than the interval can be missed, and freed memory
+    the allocator keeps still counts. (The course runner passes a reader that sums the kernel
+    processes it started.)
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -221,14 +224,14 @@ def peak_memory_bytes(fn: Callable[[], Any], device: torch.device | str = "cpu",
         fn()
         synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
-    base = _rss_bytes()
+    base = read_rss()
     peak = base
     done = threading.Event()
 
     def sample() -> None:
         nonlocal peak
         while not done.is_set():
-            peak = max(peak, _rss_bytes())
+            peak = max(peak, read_rss())
             time.sleep(interval_s)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -238,5 +241,5 @@ def peak_memory_bytes(fn: Callable[[], Any], device: torch.device | str = "cpu",
     finally:
         done.set()
         sampler.join()
-    peak = max(peak, _rss_bytes())
+    peak = max(peak, read_rss())
     return peak - base

@@ -6,8 +6,10 @@
     python -m lessons_lib list                     # lessons and their parameters
 
 Each run goes to a new folder ``runs/<timestamp>/`` holding the executed notebooks, each lesson's
-``results/<lesson>.json``, and ``summary.json`` / ``summary.md``. Every argument is checked
-before the folder is made, so bad input changes nothing on disk.
+``results/<lesson>.json``, ``summary.json`` / ``summary.md``, and ``index.html``: the course
+report, linking every executed notebook rendered as a page (:mod:`lessons_lib.report`). The
+runner samples each lesson's kernel memory and flags a lesson above Binder's 2 GiB. Every
+argument is checked before the folder is made, so bad input changes nothing on disk.
 """
 from __future__ import annotations
 
@@ -20,12 +22,15 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from lessons_lib import course, results, session
+from lessons_lib import course, measure, report, results, session
 
 # Set by the runner itself; a user asks for them another way.
 RESERVED = {"results_dir": "the runner puts results in the run folder", "quick": "use --full instead"}
+# Binder gives a notebook 2 GiB; a lesson whose kernel goes above it is flagged in the summary.
+MEMORY_LIMIT_MB = 2**31 / 1e6
+RSS_SAMPLE_INTERVAL_S = 0.1
 
 
 def _ipc_kernel_manager() -> type:
@@ -143,6 +148,37 @@ def new_run_dir(runs_dir: Path) -> Path:
     raise RuntimeError(f"could not make a new run folder under {runs_dir}")
 
 
+def child_rss_bytes() -> int:
+    """Resident memory of every process this one started, and theirs, summed: while a lesson
+    runs, its kernel and anything the kernel started (shared pages count once per process).
+
+    A process still running its parent's program is left out: between ``fork`` and ``exec`` (every
+    subprocess start) a child reports its parent's whole RSS, which would count the parent twice.
+    """
+    import psutil
+
+    me = psutil.Process()
+    cmdlines, total = {me.pid: me.cmdline()}, 0
+    for child in me.children(recursive=True):  # parents come before their children
+        try:
+            cmdlines[child.pid] = child.cmdline()
+            if cmdlines[child.pid] != cmdlines.get(child.ppid()):
+                total += child.memory_info().rss
+        except psutil.Error:  # it ended between the listing and the reading
+            pass
+    return total
+
+
+def peak_child_rss(fn: Callable[[], Any], interval_s: float = RSS_SAMPLE_INTERVAL_S) -> int:
+    """Peak of :func:`child_rss_bytes` while ``fn()`` runs, above its value at the start, in bytes.
+
+    The kernel is a separate process, so its memory is sampled from here, every ``interval_s``,
+    by the sampler of :func:`lessons_lib.measure.peak_memory_bytes` reading the child processes
+    (a peak shorter than the interval can be missed).
+    """
+    return measure.peak_memory_bytes(fn, "cpu", interval_s=interval_s, read_rss=child_rss_bytes)
+
+
 def run_lesson(lesson: course.Lesson, plan: Plan, kernel: str | None, timeout: int | None) -> dict[str, Any]:
     """Execute one notebook with papermill; never raises for a failing notebook."""
     import papermill
@@ -152,14 +188,19 @@ def run_lesson(lesson: course.Lesson, plan: Plan, kernel: str | None, timeout: i
     output = plan.run_dir / lesson.path.name
     start = time.perf_counter()
     status, error = "ok", None
-    try:
-        papermill.execute_notebook(
-            str(lesson.path), str(output), parameters=params, cwd=str(lesson.path.parent),
-            kernel_name=kernel, progress_bar=False, execution_timeout=timeout,
-            kernel_manager_class=_ipc_kernel_manager(),
-        )
-    except Exception as err:  # a failing lesson is reported, the rest still run
-        status, error = "failed", "".join(traceback.format_exception_only(type(err), err)).strip()[-2000:]
+
+    def execute() -> None:
+        nonlocal status, error
+        try:
+            papermill.execute_notebook(
+                str(lesson.path), str(output), parameters=params, cwd=str(lesson.path.parent),
+                kernel_name=kernel, progress_bar=False, execution_timeout=timeout,
+                kernel_manager_class=_ipc_kernel_manager(),
+            )
+        except Exception as err:  # a failing lesson is reported, the rest still run
+            status, error = "failed", "".join(traceback.format_exception_only(type(err), err)).strip()[-2000:]
+
+    peak_bytes = peak_child_rss(execute)
     seconds = time.perf_counter() - start
     result_file = plan.run_dir / "results" / f"{lesson.stem}.json"
     record = results.load(result_file) if result_file.exists() else None
@@ -167,27 +208,48 @@ def run_lesson(lesson: course.Lesson, plan: Plan, kernel: str | None, timeout: i
         status, error = "failed", f"ran, but wrote no {result_file.name}"
     return {
         "status": status, "seconds": round(seconds, 1), "error": error, "notebook": output.name,
+        "peak_rss_mb": round(peak_bytes / 1e6, 1) if peak_bytes > 0 else None,
         "title": lesson.title, "parameters": params,
         "device": record["device"] if record else None,
         "metrics": record["metrics"] if record else {},
     }
 
 
+def over_memory_limit(lessons: dict[str, Any]) -> list[str]:
+    """The lessons whose kernel went above Binder's 2 GiB."""
+    return [stem for stem, r in lessons.items() if (r["peak_rss_mb"] or 0) > MEMORY_LIMIT_MB]
+
+
+def memory_line(summary: dict[str, Any]) -> str:
+    """One sentence: which lessons went above Binder's memory limit, if any."""
+    limit = f"Binder's memory limit ({summary['memory_limit_mb']:,.0f} MB, 2 GiB)"
+    over = summary["over_memory_limit"]
+    if not over:
+        return f"Every lesson stayed under {limit}."
+    named = ", ".join(f"{s} ({summary['lessons'][s]['peak_rss_mb']:,.0f} MB)" for s in over)
+    return f"Over {limit}: {named}."
+
+
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = [f"# Course run {run_dir.name}", "",
              f"Mode: {'full' if summary['full'] else 'quick'}; overrides: {summary['overrides'] or 'none'}; "
-             f"wall time {summary['seconds']:.0f} s.", "",
-             "| lesson | status | seconds | device |", "|---|---|---|---|"]
+             f"wall time {summary['seconds']:.0f} s.", "", memory_line(summary), "",
+             "| lesson | status | seconds | peak RSS (MB) | device |", "|---|---|---|---|---|"]
     for stem, r in summary["lessons"].items():
-        lines.append(f"| {stem} | {r['status']} | {r['seconds']:.0f} | {r['device'] or '-'} |")
+        rss = "-" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f}"
+        lines.append(f"| {stem} | {r['status']} | {r['seconds']:.0f} | {rss} | {r['device'] or '-'} |")
+    if summary.get("report"):
+        lines += ["", f"Rendered notebooks and these tables with units: {summary['report']} (open in a browser)."]
     for stem, r in summary["lessons"].items():
         lines += ["", f"## {stem}: {r['title']}", ""]
         if r["error"]:
             lines += ["```", r["error"], "```", ""]
         if r["metrics"]:
-            lines += ["| metric | value |", "|---|---|"]
-            lines += [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in r["metrics"].items()]
+            lines += ["| metric | value | unit |", "|---|---|---|"]
+            for k, v in r["metrics"].items():
+                value = f"{v:.6g}" if isinstance(v, float) else v
+                lines.append(f"| {k} | {value} | {report.describe_metric(k)[1] or '-'} |")
     (run_dir / "summary.md").write_text("\n".join(lines) + "\n")
 
 
@@ -208,19 +270,39 @@ def cmd_run(args: argparse.Namespace) -> int:
     plan = plan_run(args)
     print(f"Run folder: {plan.run_dir}", flush=True)
     started, t0 = dt.datetime.now().isoformat(timespec="seconds"), time.perf_counter()
-    report: dict[str, Any] = {}
+    ran: dict[str, Any] = {}
     bar = tqdm(plan.lessons, unit="lesson", file=sys.stdout)
     for lesson in bar:
         bar.set_description(lesson.stem)
-        report[lesson.stem] = run_lesson(lesson, plan, args.kernel, args.timeout)
-        if report[lesson.stem]["status"] != "ok":
-            bar.write(f"FAILED {lesson.stem}: {report[lesson.stem]['error']}")
+        ran[lesson.stem] = run_lesson(lesson, plan, args.kernel, args.timeout)
+        if ran[lesson.stem]["status"] != "ok":
+            bar.write(f"FAILED {lesson.stem}: {ran[lesson.stem]['error']}")
     summary = {"run": plan.run_dir.name, "started": started, "seconds": round(time.perf_counter() - t0, 1),
-               "full": plan.full, "overrides": plan.overrides, "lessons": report}
+               "full": plan.full, "overrides": plan.overrides, "lessons": ran,
+               "machine": session.machine_info(session.pick_device("auto")),
+               "memory_limit_mb": MEMORY_LIMIT_MB, "rss_sample_interval_s": RSS_SAMPLE_INTERVAL_S,
+               "over_memory_limit": over_memory_limit(ran)}
+    summary["report"] = write_report(plan.run_dir, summary)
     write_summary(plan.run_dir, summary)
-    failed = [s for s, r in report.items() if r["status"] != "ok"]
-    print(f"{len(report) - len(failed)} passed, {len(failed)} failed; summary: {plan.run_dir / 'summary.md'}")
+    failed = [s for s, r in ran.items() if r["status"] != "ok"]
+    print(memory_line(summary))
+    print(f"{len(ran) - len(failed)} passed, {len(failed)} failed; summary: {plan.run_dir / 'summary.md'}"
+          + (f"; report: {plan.run_dir / summary['report']}" if summary["report"] else ""))
     return 1 if failed else 0
+
+
+def write_report(run_dir: Path, summary: dict[str, Any]) -> str | None:
+    """Write ``index.html`` and the lessons' pages; return the index's name, or None if it could
+    not be written. Never raises: a broken report must not hide the lessons' own results."""
+    try:
+        written = report.write_report(run_dir, summary)
+    except Exception:  # reported, and the run's exit status stays the lessons'
+        print(f"The HTML report failed (summary.md and summary.json are still written):\n{traceback.format_exc()}",
+              file=sys.stderr)
+        return None
+    for what, problem in written.problems.items():
+        print(f"report: {what}: {problem}", file=sys.stderr)
+    return written.index.name
 
 
 def cmd_list(args: argparse.Namespace) -> int:

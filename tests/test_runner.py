@@ -27,13 +27,17 @@ RECORD = (
 )
 
 
+# Holds 200 MB (written, so resident) for a second: several samples of the runner's RSS sampler.
+ALLOCATE = "blob = b'x' * 200_000_000\nimport time\ntime.sleep(1.0)\n"
+
+
 @pytest.fixture
 def course_dir(tmp_path):
     nbs = tmp_path / "notebooks"
     nbs.mkdir()
     _lesson(nbs / "00_alpha.ipynb", "Alpha", RECORD.format(stem="00_alpha"))
     _lesson(nbs / "01_broken.ipynb", "Broken", "raise RuntimeError('this lesson is broken on purpose')")
-    _lesson(nbs / "02_gamma.ipynb", "Gamma", RECORD.format(stem="02_gamma"))
+    _lesson(nbs / "02_gamma.ipynb", "Gamma", RECORD.format(stem="02_gamma") + ALLOCATE)
     (nbs / "scratch.ipynb").write_text("{}")  # not a lesson: ignored
     return tmp_path
 
@@ -117,6 +121,16 @@ def test_a_real_run_reports_failures_and_keeps_going(course_dir):
         assert (run_dir / f"{stem}.ipynb").exists()
     summary_md = (run_dir / "summary.md").read_text()
     assert "| 01_broken | failed |" in summary_md and "| twice_n | 42 |" in summary_md
+
+    # Peak memory of each kernel: gamma holds 200 MB more than alpha, which does the same otherwise.
+    rss = {stem: lessons[stem]["peak_rss_mb"] for stem in lessons}
+    assert all(v > 10 for v in rss.values()), rss
+    assert 150 < rss["02_gamma"] - rss["00_alpha"] < 400, rss
+    assert summary["over_memory_limit"] == [] and summary["memory_limit_mb"] == pytest.approx(2147.48, abs=0.01)
+    assert f"| 02_gamma | ok | {lessons['02_gamma']['seconds']:.0f} | {rss['02_gamma']:.0f} | cpu |" in summary_md
+    assert "Every lesson stayed under Binder's memory limit" in summary_md
+    assert summary["report"] == "index.html" and (run_dir / "index.html").is_file()
+    assert summary["machine"]["cpu_count"] >= 1
     leftovers = [p.name for p in (course_dir / "notebooks").iterdir() if p.suffix != ".ipynb"]
     assert not leftovers, f"the run left files beside the notebooks: {leftovers}"
 
@@ -136,3 +150,43 @@ def test_kernel_sockets_are_made_in_a_private_temporary_folder_not_beside_the_no
         path = Path(km.ip)
         assert path.is_absolute() and path.parent.parent == Path(tempfile.gettempdir()), km.ip
     assert Path(a.ip).parent != Path(b.ip).parent  # a killed run's sockets never collide with the next
+
+
+def test_peak_child_rss_sees_memory_held_by_a_child_process():
+    import subprocess
+    import sys
+
+    def child(code):
+        return lambda: subprocess.run([sys.executable, "-c", code], check=True)
+
+    idle = runner.peak_child_rss(child("import time; time.sleep(0.6)"))
+    busy = runner.peak_child_rss(child("import time; blob = b'x' * 200_000_000; time.sleep(0.6)"))
+    assert idle > 1e6, idle  # a Python interpreter is a few MB at least
+    assert 150e6 < busy - idle < 300e6, (idle, busy)
+    # A fork shares its parent's pages: counted once, not twice (and a subprocess being started,
+    # between fork and exec, never counts its parent again).
+    forked = runner.peak_child_rss(child(
+        "import os, time; blob = b'x' * 200_000_000; pid = os.fork(); time.sleep(0.6); pid and os.waitpid(pid, 0)"))
+    assert abs(forked - busy) < 50e6, (busy, forked)
+    assert runner.peak_child_rss(lambda: None) == 0  # no child, nothing measured
+
+
+def _summary(**rss):
+    lessons = {s: {"peak_rss_mb": mb} for s, mb in rss.items()}
+    return {"memory_limit_mb": runner.MEMORY_LIMIT_MB, "over_memory_limit": runner.over_memory_limit(lessons),
+            "lessons": lessons}
+
+
+def test_memory_line_names_the_lessons_over_binders_limit():
+    assert runner.memory_line(_summary(a=100.0, b=None)).startswith("Every lesson stayed under")
+    line = runner.memory_line(_summary(a=100.0, b=2500.0, c=2147.0, d=2148.0))  # 2 GiB = 2147.48 MB
+    assert line == "Over Binder's memory limit (2,147 MB, 2 GiB): b (2,500 MB), d (2,148 MB)."
+
+
+def test_a_broken_report_never_breaks_the_run(tmp_path, monkeypatch, capsys):
+    def broken(run_dir, summary):
+        raise RuntimeError("nbconvert exploded")
+
+    monkeypatch.setattr(runner.report, "write_report", broken)
+    assert runner.write_report(tmp_path, {}) is None
+    assert "nbconvert exploded" in capsys.readouterr().err
