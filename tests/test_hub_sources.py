@@ -1,0 +1,75 @@
+"""Hub sources of the teachers, offline: a simulated Hugging Face cache, and the refusal without one."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lessons_lib import zoo
+
+
+def _fake_hub_cache(home: Path, repo_id: str, model) -> None:
+    """Save ``model`` where huggingface_hub looks for ``repo_id``: hub/models--org--name/snapshots/<rev>/."""
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    repo = home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    model.save_pretrained(repo / "snapshots" / rev)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+
+
+def _run_offline(home: Path, code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_a_cached_hub_model_loads_offline_with_the_same_logits(tmp_path, arch):
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32))
+    else:
+        model = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                         num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=32))
+    repo_id = f"course-test/tiny-{arch}"
+    _fake_hub_cache(tmp_path, repo_id, model.eval())
+    ids = [[1, 5, 9, 3, 7]]
+    with torch.no_grad():
+        expected = model(torch.tensor(ids)).logits[0, -1].tolist()
+    code = (f"import json, torch; from lessons_lib import zoo; m = zoo.load_teacher('lm', source={repo_id!r}); "
+            f"print(json.dumps(m(torch.tensor({ids})).logits[0, -1].tolist()))")
+    done = _run_offline(tmp_path, code)
+    assert done.returncode == 0, done.stderr[-2000:]
+    torch.testing.assert_close(torch.tensor(json.loads(done.stdout.strip().splitlines()[-1])), torch.tensor(expected))
+
+
+def test_an_uncached_hub_id_offline_is_refused_at_once_with_what_to_do(tmp_path):
+    code = ("import time; from lessons_lib import zoo; t = time.perf_counter()\n"
+            "try:\n    zoo.load_teacher('lm', source='facebook/opt-125m')\n"
+            "except zoo.SourceUnavailable as e:\n    print(f'{time.perf_counter() - t:.3f}'); print(e)\n")
+    done = _run_offline(tmp_path, code)
+    assert done.returncode == 0, done.stderr[-2000:]
+    seconds, message = done.stdout.strip().split("\n", 1)
+    assert float(seconds) < 5  # no network attempt, no download
+    assert "not in the local Hugging Face cache" in message and "HF_HUB_OFFLINE" in message and "'zoo'" in message
+    assert not (tmp_path / "hub").exists() or not any((tmp_path / "hub").iterdir())  # nothing written to the cache
+
+
+@pytest.mark.parametrize("name, source, match", [("lm", "not a model id", "hub id such as"), ("vision", "facebook/opt-125m", "no hub source")])
+def test_sources_of_no_accepted_form_are_refused(name, source, match):
+    with pytest.raises(ValueError, match=match):
+        zoo.check_source(name, source)
+
+
+def test_a_local_folder_is_accepted_and_the_zoo_never_looks_at_the_hub(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    zoo.check_source("lm", str(tmp_path))
+    start = time.perf_counter()
+    zoo.check_source("lm", "zoo")
+    assert time.perf_counter() - start < 0.1
