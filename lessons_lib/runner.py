@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from lessons_lib import course, measure, report, results, session
+from lessons_lib import course, hub, params
 
 # Set by the runner itself; a user asks for them another way.
 RESERVED = {"results_dir": "the runner puts results in the run folder", "quick": "use --full instead"}
@@ -117,17 +117,51 @@ def check_overrides(lessons: list[course.Lesson], pairs: Sequence[Sequence[str]]
         if name not in known:
             accepted = ", ".join(sorted(n for n in known if n not in RESERVED))
             raise UsageError(f"-p {name}: no selected lesson has this parameter; accepted: {accepted}")
-        for lesson in lessons:  # type-check against every lesson that has it
-            if name in lesson.parameters:
-                parse_value(value, name, lesson.parameters[name])
         raw[name] = value
+    for lesson in lessons:  # every selected lesson that has the parameter checks it
+        values = {n: parse_for(lesson, n, v) for n, v in raw.items() if n in lesson.parameters}
+        if lesson.stem in params.LESSONS:
+            found = params.problems(lesson.stem, lesson.parameters | values)
+            if found:
+                raise UsageError("\n".join(found))
     return raw
+
+
+def parse_for(lesson: course.Lesson, name: str, raw: str) -> Any:
+    """``raw`` as a value for ``lesson``: of its default's type, or, for a lesson with a
+    specification (:mod:`lessons_lib.params`), as written, so that the specification's message
+    (what the parameter accepts) is the one the user sees."""
+    try:
+        return parse_value(raw, name, lesson.parameters[name])
+    except UsageError:
+        if lesson.stem not in params.LESSONS:
+            raise
+        try:
+            return ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            return raw
+
+
+def check_sources(lessons: list[course.Lesson], raw: dict[str, str]) -> None:
+    """A hub model given as a source must be loadable here (cached, or reachable): fail at once,
+    not minutes into a lesson (:func:`lessons_lib.hub.check_source`)."""
+    for lesson in lessons:
+        for name, spec in params.LESSONS.get(lesson.stem, {}).items():
+            if isinstance(spec, params.Source) and name in raw:
+                try:
+                    hub.check_source(raw[name])
+                except (ValueError, hub.SourceUnavailable) as err:
+                    raise UsageError(f"lesson {lesson.stem}: -p {name}: {err}") from None
 
 
 def check_device(lessons: list[course.Lesson], raw: dict[str, str]) -> None:
     """Fail early when a lesson would ask for a device this machine does not have."""
     for lesson in lessons:
         device = raw.get("device", lesson.parameters.get("device", "auto"))
+        if device in ("auto", "cpu"):
+            continue
+        from lessons_lib import session  # imports torch: only when a GPU is asked for
+
         try:
             session.pick_device(device)
         except ValueError as err:
@@ -176,6 +210,8 @@ def peak_child_rss(fn: Callable[[], Any], interval_s: float = RSS_SAMPLE_INTERVA
     by the sampler of :func:`lessons_lib.measure.peak_memory_bytes` reading the child processes
     (a peak shorter than the interval can be missed).
     """
+    from lessons_lib import measure
+
     return measure.peak_memory_bytes(fn, "cpu", interval_s=interval_s, read_rss=child_rss_bytes)
 
 
@@ -183,8 +219,8 @@ def run_lesson(lesson: course.Lesson, plan: Plan, kernel: str | None, timeout: i
     """Execute one notebook with papermill; never raises for a failing notebook."""
     import papermill
 
-    params = {n: parse_value(v, n, lesson.parameters[n]) for n, v in plan.overrides.items() if n in lesson.parameters}
-    params |= {"quick": not plan.full, "results_dir": str(plan.run_dir / "results")}
+    values = {n: parse_for(lesson, n, v) for n, v in plan.overrides.items() if n in lesson.parameters}
+    values |= {"quick": not plan.full, "results_dir": str(plan.run_dir / "results")}
     output = plan.run_dir / lesson.path.name
     start = time.perf_counter()
     status, error = "ok", None
@@ -193,7 +229,7 @@ def run_lesson(lesson: course.Lesson, plan: Plan, kernel: str | None, timeout: i
         nonlocal status, error
         try:
             papermill.execute_notebook(
-                str(lesson.path), str(output), parameters=params, cwd=str(lesson.path.parent),
+                str(lesson.path), str(output), parameters=values, cwd=str(lesson.path.parent),
                 kernel_name=kernel, progress_bar=False, execution_timeout=timeout,
                 kernel_manager_class=_ipc_kernel_manager(),
             )
@@ -202,6 +238,8 @@ def run_lesson(lesson: course.Lesson, plan: Plan, kernel: str | None, timeout: i
 
     peak_bytes = peak_child_rss(execute)
     seconds = time.perf_counter() - start
+    from lessons_lib import results
+
     result_file = plan.run_dir / "results" / f"{lesson.stem}.json"
     record = results.load(result_file) if result_file.exists() else None
     if status == "ok" and record is None:
@@ -209,7 +247,7 @@ def run_lesson(lesson: course.Lesson, plan: Plan, kernel: str | None, timeout: i
     return {
         "status": status, "seconds": round(seconds, 1), "error": error, "notebook": output.name,
         "peak_rss_mb": round(peak_bytes / 1e6, 1) if peak_bytes > 0 else None,
-        "title": lesson.title, "parameters": params,
+        "title": lesson.title, "parameters": values,
         "device": record["device"] if record else None,
         "metrics": record["metrics"] if record else {},
     }
@@ -231,6 +269,8 @@ def memory_line(summary: dict[str, Any]) -> str:
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    from lessons_lib import report
+
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = [f"# Course run {run_dir.name}", "",
              f"Mode: {'full' if summary['full'] else 'quick'}; overrides: {summary['overrides'] or 'none'}; "
@@ -261,13 +301,15 @@ def plan_run(args: argparse.Namespace) -> Plan:
     chosen = select(lessons, args.only)
     overrides = check_overrides(chosen, args.p or [])
     check_device(chosen, overrides)
+    check_sources(chosen, overrides)
     return Plan(chosen, overrides, args.full, new_run_dir(Path(args.runs_dir)))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    plan = plan_run(args)  # first: bad input is refused before torch is even imported
     from tqdm.auto import tqdm
 
-    plan = plan_run(args)
+    from lessons_lib import session
     print(f"Run folder: {plan.run_dir}", flush=True)
     started, t0 = dt.datetime.now().isoformat(timespec="seconds"), time.perf_counter()
     ran: dict[str, Any] = {}
@@ -295,6 +337,8 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> str | None:
     """Write ``index.html`` and the lessons' pages; return the index's name, or None if it could
     not be written. Never raises: a broken report must not hide the lessons' own results."""
     try:
+        from lessons_lib import report
+
         written = report.write_report(run_dir, summary)
     except Exception:  # reported, and the run's exit status stays the lessons'
         print(f"The HTML report failed (summary.md and summary.json are still written):\n{traceback.format_exc()}",
@@ -307,8 +351,11 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> str | None:
 
 def cmd_list(args: argparse.Namespace) -> int:
     for lesson in course.discover(args.notebooks):
-        params = ", ".join(f"{k}={v!r}" for k, v in lesson.parameters.items())
-        print(f"{lesson.number}  {lesson.stem}: {lesson.title}\n      {params}")
+        specs = params.LESSONS.get(lesson.stem, {})
+        print(f"{lesson.number}  {lesson.stem}: {lesson.title}")
+        for name, default in lesson.parameters.items():
+            accepted = f"  ({specs[name].describe()})" if name in specs else ""
+            print(f"      {name} = {default!r}{accepted}")
     return 0
 
 

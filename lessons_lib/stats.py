@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -103,6 +104,14 @@ class PairedSeeds:
     def significant(self, alpha: float = 0.05) -> bool:
         return not math.isnan(self.p_value) and self.p_value < alpha
 
+    def verdict(self, alpha: float = 0.05) -> str:
+        """What the test lets a lesson say, in words."""
+        if math.isnan(self.p_value):
+            return "no spread across seeds to test against: add seeds"
+        if self.significant(alpha):
+            return f"beyond seed noise (p < {alpha:g})"
+        return f"not established with {len(self.differences)} seeds (p >= {alpha:g})"
+
 
 ALTERNATIVES = ("two-sided", "greater", "less")
 
@@ -132,3 +141,15 @@ def paired_over_seeds(a, b, alternative: str = "two-sided") -> PairedSeeds:
     se = float(d.std(ddof=1) / math.sqrt(len(d)))
     p = math.nan if se == 0 else float(scipy_stats.ttest_rel(a, b, alternative=alternative).pvalue)
     return PairedSeeds(tuple(float(x) for x in d), float(d.mean()), se, p, alternative)
+
+
+def consistent_verdict(per_seed: Sequence[McNemar], alpha: float = 0.05) -> str:
+    """One McNemar test of A vs B per training seed: a recipe counts as better only if every seed
+    says so, each with p < ``alpha``, in the same direction (one lucky seed proves nothing)."""
+    if not per_seed:
+        raise ValueError("per_seed must hold one McNemar result per seed, got none")
+    if all(r.significant(alpha) and r.difference > 0 for r in per_seed):
+        return f"A better on every seed (p < {alpha:g} each)"
+    if all(r.significant(alpha) and r.difference < 0 for r in per_seed):
+        return f"B better on every seed (p < {alpha:g} each)"
+    return "no consistent difference (within noise)"

@@ -22,7 +22,6 @@ import copy
 import dataclasses
 import json
 import math
-import re
 import time
 from pathlib import Path
 from typing import Iterator
@@ -32,7 +31,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lessons_lib import data, evaluate, moe, teachers, training
+from lessons_lib import data, evaluate, hub, moe, teachers, training
+from lessons_lib.hub import SourceUnavailable  # noqa: F401  (raised by check_source / load_teacher)
 
 TEACHERS = ("vision", "lm", "moe")
 VISION_FILES = ("vision_teacher.safetensors", "vision_teacher.json")
@@ -228,51 +228,19 @@ def record_build(name: str, entry: dict, out: Path | None = None) -> dict:
                                 teachers={name: entry})
 
 
-class SourceUnavailable(RuntimeError):
-    """A hub model that is neither in the local cache nor reachable: it needs internet once."""
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
 def check_source(name: str, source: str) -> None:
-    """Refuse, at once and before any slow work, a teacher source that cannot be loaded here.
-
-    Accepted: "zoo" (the embedded checkpoint, never the network); a local folder holding a saved
-    Hugging Face model; a hub id such as "facebook/opt-125m" that is in the local Hugging Face
-    cache or, when the hub can be reached, on the hub. Offline (``HF_HUB_OFFLINE=1``) an uncached
-    id fails without trying the network; otherwise one metadata request (10 s timeout) decides.
+    """Refuse, at once and before any slow work, a teacher source that cannot be loaded here:
+    :func:`lessons_lib.hub.check_source` for "lm" and "moe"; the vision teacher has only "zoo".
 
     Raises:
-        ValueError: the vision teacher with a hub source, or a source of no accepted form.
+        ValueError: an unknown name, the vision teacher with a hub source, or a source of no
+            accepted form.
         SourceUnavailable: a hub id that is not cached while the hub cannot be reached.
     """
     _check_name(name)
-    if source == "zoo":
-        return
-    if name == "vision":
+    if name == "vision" and source != "zoo":
         raise ValueError("the vision teacher has no hub source; use source='zoo'")
-    if Path(source).is_dir() and (Path(source) / "config.json").is_file():
-        return
-    if not isinstance(source, str) or not _HUB_ID.match(source):
-        raise ValueError(f"source must be 'zoo', a folder holding a saved model, or a hub id such as "
-                         f"'facebook/opt-125m'; got {source!r}")
-    import huggingface_hub
-    from huggingface_hub import constants
-
-    if isinstance(huggingface_hub.try_to_load_from_cache(source, "config.json"), str):
-        return
-    advice = (f"{source!r} is not in the local Hugging Face cache, and {{why}}. A hub model needs internet once "
-              f"(or a copy in the cache, see HF_HOME); without one, use the embedded model: source='zoo' "
-              f"(lm_source = \"zoo\", the lessons' default).")
-    if constants.HF_HUB_OFFLINE:
-        raise SourceUnavailable(advice.format(why="HF_HUB_OFFLINE is set"))
-    try:
-        huggingface_hub.model_info(source, timeout=10)
-    except huggingface_hub.errors.RepositoryNotFoundError:
-        raise ValueError(f"the hub has no model {source!r} (or it is private): check the id, e.g. 'facebook/opt-125m'") from None
-    except Exception as err:  # no network, DNS, proxy, timeout
-        raise SourceUnavailable(advice.format(why=f"the hub cannot be reached ({type(err).__name__})")) from None
+    hub.check_source(source)
 
 
 def load_teacher(name: str, source: str = "zoo", directory: Path | None = None) -> nn.Module:

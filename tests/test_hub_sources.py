@@ -73,3 +73,71 @@ def test_a_local_folder_is_accepted_and_the_zoo_never_looks_at_the_hub(tmp_path)
     start = time.perf_counter()
     zoo.check_source("lm", "zoo")
     assert time.perf_counter() - start < 0.1
+
+
+# --- The lessons that take `lm_source`, run end to end on a simulated hub cache (the path users with internet take).
+
+LESSON_SETTINGS = {  # small values of each lesson's own parameters, so that both lessons x both models stay near a minute
+    "01_precision_formats": {"quick_images": 50, "quick_lm_blocks": 2, "latency_repeats": 2, "matmul_size": 128},
+    "03_gptq": {"calibration_samples": 16, "calibration_seeds": 2, "eval_blocks": 8, "eval_window": 128,
+                "run_gptqmodel": False, "timing_repeats": 1, "group_size": 32},
+}
+
+
+def _tiny(arch: str, vocab_size: int):
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    if arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                                            tie_word_embeddings=True))
+    return OPTForCausalLM(OPTConfig(vocab_size=vocab_size, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                    num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64,
+                                    bos_token_id=0, eos_token_id=0, pad_token_id=0))
+
+
+@pytest.fixture(scope="module")
+def hub_home(tmp_path_factory):
+    """A Hugging Face cache holding two made-up hub models, course-test/tiny-llama and course-test/tiny-opt, each
+    with the course's tokenizer and briefly trained on the course's text (random weights would make every
+    quantization comparison noise), in the layout huggingface_hub reads offline."""
+    from lessons_lib import data, training
+
+    home = tmp_path_factory.mktemp("hf_home")
+    tokenizer, ids = data.load_hf_tokenizer(), data.lm_tokens("train")
+    for arch in ("llama", "opt"):
+        model = _tiny(arch, len(tokenizer)).train()
+
+        def objective(batch, model=model):
+            x, y = batch
+            loss = torch.nn.functional.cross_entropy(model(x).logits.flatten(0, 1), y.flatten())
+            return loss, {"loss": float(loss)}
+
+        windows = data.lm_windows(ids, 64, 16, torch.Generator().manual_seed(0))
+        training.run(objective, windows, 100, lambda step: 3e-3, model.parameters())
+        _fake_hub_cache(home, f"course-test/tiny-{arch}", model.eval())
+        snapshot = next((home / "hub" / f"models--course-test--tiny-{arch}" / "snapshots").iterdir())
+        tokenizer.save_pretrained(snapshot)
+    return home
+
+
+@pytest.mark.parametrize("stem", sorted(LESSON_SETTINGS))
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_lessons_run_end_to_end_on_a_cached_hub_model_offline(hub_home, stem, arch, tmp_path, monkeypatch):
+    import papermill
+
+    from lessons_lib import course, results, runner
+
+    for key, value in {"HF_HOME": str(hub_home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}.items():
+        monkeypatch.setenv(key, value)  # the kernel inherits them
+    lesson = next(l for l in course.discover() if l.stem == stem)
+    source = f"course-test/tiny-{arch}"
+    parameters = {"lm_source": source, "results_dir": str(tmp_path / "results"), **LESSON_SETTINGS[stem]}
+    papermill.execute_notebook(str(lesson.path), str(tmp_path / "out.ipynb"), parameters=parameters,
+                               cwd=str(lesson.path.parent), progress_bar=False,
+                               kernel_manager_class=runner._ipc_kernel_manager())
+    record = results.load(tmp_path / "results" / f"{stem}.json")
+    assert record["parameters"]["lm_source"] == source
+    ppl = record["metrics"]["fp32_ppl" if stem.startswith("01") else "ppl_fp32"]
+    assert 1 < ppl < 4096, "a trained model's perplexity is below the vocabulary size's"

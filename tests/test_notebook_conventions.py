@@ -5,7 +5,7 @@ import re
 import nbformat
 import pytest
 
-from lessons_lib import course
+from lessons_lib import course, params as specs
 
 NOTEBOOKS = sorted(course.default_notebooks_dir().glob("*.ipynb"))
 
@@ -47,6 +47,25 @@ def test_one_parameters_cell_of_literals_with_the_required_names(notebook):
     assert isinstance(params["seed"], int) and isinstance(params["results_dir"], str)
     for line in cell.source.splitlines():
         assert "#" in line, f"{path.name}: every parameter needs a comment: {line!r}"
+
+
+def test_every_parameter_has_a_specification_and_its_default_passes_it(notebook):
+    path, nb = notebook
+    stem = path.stem
+    assert stem in specs.LESSONS, f"{path.name}: add its parameters' specifications to lessons_lib/params.py"
+    declared, spec = course.read_parameters(nb), specs.LESSONS[stem]
+    assert not set(declared) - set(spec), f"{path.name}: parameters without a specification: {set(declared) - set(spec)}"
+    assert not set(spec) - set(declared), f"params.py names parameters {path.name} lacks: {set(spec) - set(declared)}"
+    for rule in specs.RULES.get(stem, ()):
+        assert set(rule.names) <= set(declared), f"a rule of {stem} names unknown parameters {rule.names}"
+    assert specs.problems(stem, declared) == [], "the defaults must pass their own specifications"
+
+
+def test_parameters_are_checked_right_after_the_colab_cell(notebook):
+    path, nb = notebook
+    code = _code(nb)
+    assert code[2].source == course.check_cell_source(path.stem), (
+        f"{path.name}: the cell after the Colab cell must be course.check_cell_source({path.stem!r})")
 
 
 def test_outputs_are_cleared(notebook):
@@ -109,3 +128,21 @@ def test_makefile_test_target_is_what_ci_runs():
     ci = (course.repo_root() / ".ci" / "run").read_text()
     readme = (course.repo_root() / "README.md").read_text()
     assert "make test" in readme and ci.strip().splitlines()[-1] == "make test"
+
+
+def test_no_two_notebooks_define_a_helper_of_the_same_name():
+    """What two lessons both need lives in lessons_lib (show.table, measure.interleaved, stats verdicts, ...);
+    two notebooks defining a function or class of the same name is a helper that belongs there."""
+    defined: dict[str, list[str]] = {}
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        for cell in _code(nb):
+            try:
+                tree = ast.parse(cell.source)
+            except SyntaxError:  # IPython magics; none of our cells has one
+                continue
+            for node in tree.body:
+                if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                    defined.setdefault(node.name, []).append(path.stem)
+    shared = {name: stems for name, stems in defined.items() if len(set(stems)) > 1}
+    assert not shared, f"move these helpers to lessons_lib (or name each lesson's own differently): {shared}"

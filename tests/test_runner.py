@@ -71,7 +71,7 @@ def test_parameters_cell_must_hold_literals_only(tmp_path):
         (["-p", "n", "2.5"], r"parameter 'n' takes a int"),
         (["-p", "results_dir", "/tmp"], r"-p results_dir: set by the runner"),
         (["-p", "quick", "false"], r"use --full instead"),
-        (["-p", "device", "tpu"], r"device must be one of"),
+        (["-p", "device", "tpu"], r"device must be one of"),  # fake lessons have no specification
     ],
 )
 def test_bad_input_is_refused_before_anything_is_written(course_dir, capsys, extra, message):
@@ -187,6 +187,8 @@ def test_a_broken_report_never_breaks_the_run(tmp_path, monkeypatch, capsys):
     def broken(run_dir, summary):
         raise RuntimeError("nbconvert exploded")
 
-    monkeypatch.setattr(runner.report, "write_report", broken)
+    from lessons_lib import report
+
+    monkeypatch.setattr(report, "write_report", broken)
     assert runner.write_report(tmp_path, {}) is None
     assert "nbconvert exploded" in capsys.readouterr().err

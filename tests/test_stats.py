@@ -62,3 +62,18 @@ def test_paired_over_seeds_without_spread_and_bad_input():
         stats.paired_over_seeds([1.0], [0.5])
     with pytest.raises(ValueError, match="alternative"):
         stats.paired_over_seeds([1.0, 2.0], [0.5, 1.0], "bigger")
+
+
+def test_verdicts_say_only_what_the_tests_support():
+    from lessons_lib.stats import McNemar, PairedSeeds, consistent_verdict
+
+    better, worse, tie = McNemar(1000, 40, 10, 1e-5), McNemar(1000, 10, 40, 1e-5), McNemar(1000, 12, 10, 0.8)
+    assert consistent_verdict([better, better]).startswith("A better on every seed")
+    assert consistent_verdict([worse, worse]).startswith("B better on every seed")
+    assert consistent_verdict([better, tie]) == "no consistent difference (within noise)"
+    assert consistent_verdict([better, worse]) == "no consistent difference (within noise)"
+    with pytest.raises(ValueError, match="per_seed"):
+        consistent_verdict([])
+    assert PairedSeeds((0.01, 0.01), 0.01, 0.0, math.nan, "greater").verdict().startswith("no spread")
+    assert PairedSeeds((0.01, 0.02, 0.015), 0.015, 0.003, 0.01, "greater").verdict() == "beyond seed noise (p < 0.05)"
+    assert PairedSeeds((0.01, -0.02, 0.015), 0.002, 0.01, 0.4, "greater").verdict() == "not established with 3 seeds (p >= 0.05)"
