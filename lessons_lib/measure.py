@@ -243,3 +243,23 @@ def peak_memory_bytes(fn: Callable[[], Any], device: torch.device | str = "cpu",
         sampler.join()
     peak = max(peak, read_rss())
     return peak - base
+
+
+def flops(model: nn.Module, *inputs: Any, **kwargs: Any) -> int:
+    """Floating-point operations of one forward pass ``model(*inputs, **kwargs)`` (no autograd).
+
+    Counted by PyTorch's ``torch.utils.flop_counter.FlopCounterMode``, which counts matrix
+    products and convolutions only, a multiply-add as 2: a Linear(in, out) on (B, in) costs
+    2*B*in*out; a Conv2d costs 2*B*C_out*H_out*W_out*(C_in/groups)*k_h*k_w. Bias additions,
+    normalisation, activations and pooling are not counted. The count is what the arithmetic
+    costs, not what it takes: sparse or masked weights still count in full (lesson 06).
+
+    Returns:
+        The total FLOPs, an ``int``.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(*inputs, **kwargs)
+    return int(counter.get_total_flops())

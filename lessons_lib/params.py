@@ -179,6 +179,12 @@ LESSONS: dict[str, dict[str, Any]] = {
         "vision_seeds": Int(2), "temperatures": ListOf(POSITIVE), "alphas": ListOf(Number(0, 1)),
         "feature_weight": Number(0), "lm_steps": Int(1), "lm_temperature": POSITIVE, "lm_val_blocks": Int(1),
         "minilm_steps": Int(1)},
+    "06_pruning": COMMON | {
+        "threads": Int(0), "sparsities": ListOf(Number(0, 1, open_high=True)), "high_sparsity": Number(0, 1, open_high=True),
+        "fine_tune_steps": Int(10), "batch_size": Int(1), "channel_ratio": Number(0, 1, open_high=True),
+        "csr_sparsities": ListOf(Number(0, 1, open_high=True)), "timing_repeats": Int(1),
+        "minilm_sentences": Int(64), "minilm_recovery_steps": Int(1), "lm_drop_layers": Int(1, 11), "random_drops": Int(1),
+        "lm_heal_steps": Int(1), "lm_val_blocks": Int(1)},
 }
 
 RULES: dict[str, tuple[Rule, ...]] = {
