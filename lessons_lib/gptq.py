@@ -19,13 +19,16 @@ original column order before reordering (so groups stay contiguous in memory); d
 
 Worked example (2x2): with strongly correlated inputs, RTN makes both output errors add up while
 GPTQ lets the second column cancel the first column's error; see ``notebooks/03_gptq.ipynb``.
+
+The model driver :func:`sequential_` (blocks in order, Hessians from the already processed blocks)
+is not specific to quantization: :mod:`lessons_lib.sparsegpt` prunes with it.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -338,6 +341,76 @@ def _block_hessians(block: nn.Module, group: dict[str, nn.Linear], inputs: list)
     return {name: acc[owner[id(first_input[name])]].H for name in group}
 
 
+def block_linears(model: nn.Module) -> list[dict[str, nn.Linear]]:
+    """Per decoder block (see :func:`decoder_layers`), its ``nn.Linear`` layers: full module name ->
+    module, in module order. Embeddings and the LM head are outside the blocks, so never listed.
+
+    Raises ``ValueError`` if the model has no decoder blocks or they hold no ``nn.Linear``.
+    """
+    blocks = decoder_layers(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    linears = [{names[id(m)]: m for m in block.modules() if isinstance(m, nn.Linear)} for block in blocks]
+    if not any(linears):
+        raise ValueError("the decoder blocks contain no nn.Linear layers to quantize or prune")
+    return linears
+
+
+Process = Callable[[str, nn.Linear, torch.Tensor | None], Any]  # (name, linear, H) -> a result
+
+
+@torch.no_grad()
+def sequential_(
+    model: nn.Module,
+    calibration: torch.Tensor | None,
+    process: Process,
+    batch_size: int = 8,
+    needs_hessian: bool = True,
+    progress: bool = False,
+    desc: str = "blocks",
+) -> dict[str, Any]:
+    """Walk the decoder blocks in order and hand every block Linear, with its Hessian, to ``process``.
+
+    The sequential scheme of GPTQ (arXiv:2210.17323, section 4) and SparseGPT (arXiv:2301.00774,
+    section 3): block i's Hessians H = 2 X^T X / N come from the outputs of blocks 0..i-1 *as
+    ``process`` left them*, so a block compensates the errors of the ones before it. Within a block,
+    every Hessian is taken before any Linear of the block is processed; Linears reading the same
+    tensor (q/k/v, gate/up) share one H (the same tensor object). After ``process`` has run on the
+    whole block, the calibration inputs go through the block again to feed the next one.
+
+    Args:
+        model: a Hugging Face causal LM (see :func:`decoder_layers`), in eval mode, on the CPU.
+        calibration: token ids (n_samples, T); may be None when ``needs_hessian`` is False.
+        process: called once per block Linear as ``process(name, linear, H)``, block by block, in
+            module order; H is float32 (in_features, in_features), or None without ``needs_hessian``.
+            It may change ``linear.weight`` in place (the next blocks then see the change).
+        batch_size: calibration sequences per forward pass.
+        needs_hessian: False skips every forward pass (round-to-nearest, magnitude pruning).
+        progress: show a progress bar over blocks, labelled ``desc``.
+    Returns:
+        Full module name -> what ``process`` returned for it.
+    Raises:
+        ValueError: no decoder blocks, no Linear in them, or no calibration when it is needed;
+            raised before ``process`` is first called.
+    """
+    from tqdm.auto import tqdm
+
+    linears = block_linears(model)
+    if needs_hessian and (calibration is None or calibration.dim() != 2 or calibration.numel() == 0):
+        raise ValueError(f"{desc} needs calibration data: token ids of shape (n_samples, T), n_samples >= 1")
+    blocks = decoder_layers(model)
+    results: dict[str, Any] = {}
+    with _one_thread():  # small block-sized operations: threads cost more than they give
+        inputs = _first_block_inputs(model, blocks[0], calibration, batch_size) if needs_hessian else []
+        for block, group in tqdm(list(zip(blocks, linears)), desc=desc, disable=not progress):
+            H = _block_hessians(block, group, inputs) if needs_hessian else dict.fromkeys(group)
+            for name, m in group.items():
+                results[name] = process(name, m, H[name])
+            if needs_hessian:  # the next block sees this block's processed outputs
+                outputs = [block(*args, **kwargs) for args, kwargs in inputs]
+                inputs = [_with_hidden(a, k, o[0] if isinstance(o, tuple) else o) for (a, k), o in zip(inputs, outputs)]
+    return results
+
+
 @torch.no_grad()
 def quantize_model_(
     model: nn.Module,
@@ -349,10 +422,10 @@ def quantize_model_(
 ) -> dict[str, QuantizedWeight]:
     """Quantize every Linear inside the decoder blocks of a causal LM, block by block, in place.
 
-    Sequential, as in the paper: block i's Hessians come from the outputs of blocks 0..i-1
-    *already quantized*, so each block compensates the errors of the ones before it. Embeddings
-    and the LM head stay in full precision. Weights are replaced by their dequantized values (use
-    :mod:`lessons_lib.packing` to store the integer codes for real).
+    Sequential, as in the paper (see :func:`sequential_`): block i's Hessians come from the outputs
+    of blocks 0..i-1 *already quantized*, so each block compensates the errors of the ones before
+    it. Embeddings and the LM head stay in full precision. Weights are replaced by their
+    dequantized values (use :mod:`lessons_lib.packing` to store the integer codes for real).
 
     Args:
         model: a Hugging Face causal LM (see :func:`decoder_layers`), in eval mode.
@@ -364,36 +437,16 @@ def quantize_model_(
     Returns:
         Module name -> :class:`QuantizedWeight`, for every quantized Linear.
     """
-    with _one_thread():  # small block-sized operations: threads cost more than they give
-        return _quantize_model(model, calibration, config, method, batch_size, progress)
-
-
-def _quantize_model(model: nn.Module, calibration: torch.Tensor, config: GPTQConfig, method: str,
-                    batch_size: int, progress: bool) -> dict[str, QuantizedWeight]:
-    from tqdm.auto import tqdm
-
     if method not in ("gptq", "rtn"):
         raise ValueError(f"method must be 'gptq' or 'rtn', got {method!r}")
-    if method == "gptq" and (calibration is None or calibration.dim() != 2 or calibration.numel() == 0):
-        raise ValueError("GPTQ needs calibration data: token ids of shape (n_samples, T), n_samples >= 1")
-    blocks = decoder_layers(model)
-    names = {id(m): n for n, m in model.named_modules()}
-    linears = [{names[id(m)]: m for m in block.modules() if isinstance(m, nn.Linear)} for block in blocks]
-    if not any(linears):
-        raise ValueError("the decoder blocks contain no nn.Linear layers to quantize")
-    for group in linears:
+    for group in block_linears(model):  # every check before the first weight changes
         for m in group.values():
             config.check_width(m.in_features)
-    inputs = _first_block_inputs(model, blocks[0], calibration, batch_size) if method == "gptq" else []
-    results: dict[str, QuantizedWeight] = {}
-    for block, group in tqdm(list(zip(blocks, linears)), desc=method, disable=not progress):
-        if method == "gptq":
-            H = _block_hessians(block, group, inputs)
-        for name, m in group.items():
-            qw = gptq(m.weight, H[name], config) if method == "gptq" else rtn(m.weight, config)
-            m.weight.copy_(qw.dequantize().to(m.weight.dtype))
-            results[name] = qw
-        if method == "gptq":  # the next block sees this block's quantized outputs
-            outputs = [block(*args, **kwargs) for args, kwargs in inputs]
-            inputs = [_with_hidden(a, k, o[0] if isinstance(o, tuple) else o) for (a, k), o in zip(inputs, outputs)]
-    return results
+
+    def process(name: str, linear: nn.Linear, H: torch.Tensor | None) -> QuantizedWeight:
+        qw = gptq(linear.weight, H, config) if method == "gptq" else rtn(linear.weight, config)
+        linear.weight.copy_(qw.dequantize().to(linear.weight.dtype))
+        return qw
+
+    return sequential_(model, calibration, process, batch_size, needs_hessian=method == "gptq",
+                       progress=progress, desc=method)
