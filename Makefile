@@ -22,5 +22,7 @@ course: install
 
 # Two test workers, one thread each: on a 2-core machine two 2-thread workers spend most of their
 # time waiting on each other's threads (small ops were measured 60x slower that way).
+# --dist worksteal: a worker that runs out of tests takes queued ones from the other, instead of idling
+# while the other works through a long notebook and the tests queued behind it.
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist worksteal
