@@ -90,7 +90,7 @@ def test_benchmark_rejects_bad_counts(warmup, repeats):
 def test_peak_memory_sees_a_large_temporary_allocation():
     def hold_200_mib():
         x = torch.ones(50 * 2**20)  # 200 MiB, written so the pages are resident
-        time.sleep(0.05)
+        time.sleep(0.5)  # long enough for the sampler thread to run on a loaded machine (0.05 s missed it in CI)
         return float(x[0])
 
     assert measure.peak_memory_bytes(hold_200_mib) > 150 * 2**20
