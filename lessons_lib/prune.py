@@ -555,6 +555,21 @@ def _tokens(batch: Any, device: torch.device) -> tuple[tuple, dict, torch.Tensor
     require(isinstance(batch, torch.Tensor), f"each batch must be a dict of model inputs or a tensor of ids, got {type(batch).__name__}")
     return (batch.to(device),), {}, None
 
+def _feed(model: nn.Module, batches: Iterable, handles: list, mask: list, device: torch.device) -> None:
+    """Run ``batches`` through ``model`` in eval mode with the hooks of ``handles`` attached (``mask[0]``
+    set to each batch's attention mask for them); then remove the hooks and restore the mode, even on error."""
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            args, kwargs, mask[0] = _tokens(batch, device)
+            model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+
 
 @torch.no_grad()
 def contribution_scores(model: nn.Module, groups: Mapping[str, int], batches: Iterable) -> dict[str, torch.Tensor]:
@@ -602,16 +617,7 @@ def contribution_scores(model: nn.Module, groups: Mapping[str, int], batches: It
         counts[name] += len(x)
 
     handles = [modules[n].register_forward_pre_hook(functools.partial(hook, n)) for n in groups]
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            args, kwargs, mask[0] = _tokens(batch, device)
-            model(*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    _feed(model, batches, handles, mask, device)
     require(all(counts.values()), "batches gave no token: pass at least one non-empty batch")
     return {n: (sums[n] / counts[n]).cpu() for n in groups}
 
@@ -648,16 +654,7 @@ def block_importance(model: nn.Module, batches: Iterable) -> torch.Tensor:
         count[i] += cos.numel()
 
     handles = [b.register_forward_hook(functools.partial(hook, i), with_kwargs=True) for i, b in enumerate(blocks)]
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            args, kwargs, mask[0] = _tokens(batch, device)
-            model(*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    _feed(model, batches, handles, mask, device)
     require(all(count), "batches gave no token: pass at least one non-empty batch")
     return 1 - sums / torch.tensor(count, dtype=torch.float64)
 
@@ -684,16 +681,7 @@ def input_grams(model: nn.Module, names: Sequence[str], batches: Iterable) -> di
         grams[name] = grams.get(name, 0) + (z.T @ z).double().cpu()  # float32 per batch, float64 sum
 
     handles = [modules[n].register_forward_pre_hook(functools.partial(hook, n)) for n in names]
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            args, kwargs, mask[0] = _tokens(batch, device)
-            model(*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    _feed(model, batches, handles, mask, device)
     require(len(grams) == len(names), "batches gave no token: pass at least one non-empty batch")
     return grams
 
