@@ -62,6 +62,21 @@ def predictions(
     return torch.cat(preds)
 
 
+def correct(
+    model: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Which inputs the model classifies correctly: bool (N,) on the CPU, the paired outcome that
+    ``stats.mcnemar`` compares between two models on the same inputs. Arguments as :func:`predictions`;
+    ``y`` the true classes (N,)."""
+    if len(X) != len(y):
+        raise ValueError(f"X and y must hold the same number of examples, got {len(X)} and {len(y)}")
+    return predictions(model, X, batch_size, device) == y.cpu()
+
+
 def accuracy(
     model: nn.Module,
     X: torch.Tensor,

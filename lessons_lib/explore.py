@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from lessons_lib import distill, gptq, measure, precision, quantize, show
+from lessons_lib import distill, gptq, measure, precision, prune, quantize, show
 from lessons_lib.checks import is_int, require
 
 LIVE, HEADLESS = "live", "headless"
@@ -523,3 +523,23 @@ def soft_labels_figure(logits: torch.Tensor, temperature: float) -> Any:
            ylim=(1e-6, 1.5), xticks=classes)
     ax.legend()
     return fig
+
+
+def criterion_masks(score_sets: Mapping[str, Mapping[str, torch.Tensor]], criterion: str, sparsity: float) -> dict[str, Any]:
+    """Lesson 07: prune with one global threshold on ``score_sets[criterion]`` (element scores, name ->
+    tensor) at ``sparsity``: each tensor's sparsity (``prune.mask_summary``), and the share of the
+    weights kept by "l1" (magnitude) that this criterion keeps too (1.0: the same mask as magnitude)."""
+    require(criterion in score_sets, f"criterion must be one of {list(score_sets)}, got {criterion!r}")
+    row = {k: v for k, v in prune.mask_summary(score_sets[criterion], sparsity, "global").items() if "lowest" not in k}
+    if "l1" in score_sets:
+        mine, magnitude = prune.global_masks(score_sets[criterion], sparsity), prune.global_masks(score_sets["l1"], sparsity)
+        both = sum(int((mine[n] & magnitude[n]).sum()) for n in mine)
+        kept = sum(int(magnitude[n].sum()) for n in magnitude)
+        row["kept as by magnitude"] = both / kept if kept else math.nan
+    return row
+
+
+def criterion_masks_figure(score_sets: Mapping[str, Mapping[str, torch.Tensor]], criterion: str, sparsity: float) -> Any:
+    """Lesson 07: lesson 06's mask figure for ``score_sets[criterion]`` (global threshold)."""
+    require(criterion in score_sets, f"criterion must be one of {list(score_sets)}, got {criterion!r}")
+    return prune.mask_figure(score_sets[criterion], sparsity, "global")

@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import func, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lessons_lib import prune
 from lessons_lib.checks import is_int, is_number, require
@@ -113,6 +114,14 @@ def _scoring(model: nn.Module) -> Iterator[None]:
     finally:
         for m, mode in modes:
             m.training = mode
+
+
+def _math_attention() -> contextlib.AbstractContextManager:
+    """``scaled_dot_product_attention`` (what Hugging Face attention calls) on its math kernel, which
+    computes the same attention from plain operations: the fused CPU and flash kernels have no double
+    backward (Hessian-vector products differentiate the backward pass) and no vmap batching rule
+    (per-sample gradients would fall back to a slow loop, with a warning)."""
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def _functional(model: nn.Module, loss_fn: LossFn) -> tuple[dict[str, torch.Tensor], Callable]:
@@ -280,7 +289,8 @@ def fisher(model: nn.Module, batches: Iterable, loss_fn: LossFn, *, names: Itera
         G = per_sample_grads({n: frozen[n] for n in weights}, x, y)  # name -> (B, *w.shape)
         return {n: g.square().sum(0) for n, g in G.items()}
 
-    sums, used = _per_sample_sums(model, batches, loss_fn, weights, max_samples, per_batch)
+    with _math_attention():
+        sums, used = _per_sample_sums(model, batches, loss_fn, weights, max_samples, per_batch)
     return {n: s / used for n, s in sums.items()}
 
 
@@ -459,7 +469,7 @@ def hutchinson_diagonal(model: nn.Module, batches: Iterable, loss_fn: LossFn, *,
             est = [e + zi * hzi for e, zi, hzi in zip(est, z, Hz)]
         return {n: e.detach() / probes for n, e in zip(leaves, est)}
 
-    with _scoring(model), torch.enable_grad():
+    with _scoring(model), torch.enable_grad(), _math_attention():
         return _average(per_batch(x, y) for x, y in _pairs(batches, _device(model)))
 
 
@@ -484,7 +494,7 @@ def hessian_diagonal_exact(model: nn.Module, batches: Iterable, loss_fn: LossFn,
             out[n] = H.reshape(w.numel(), w.numel()).diagonal().reshape(w.shape)
         return out
 
-    with _scoring(model), torch.enable_grad():
+    with _scoring(model), torch.enable_grad(), _math_attention():
         return _average(per_batch(x, y) for x, y in _pairs(batches, _device(model)))
 
 
@@ -504,7 +514,7 @@ def hessian_row_sums(model: nn.Module, batches: Iterable, loss_fn: LossFn, *,
         return {n: torch.autograd.grad(g.sum(), leaves[n], retain_graph=True, materialize_grads=True)[0].detach()
                 for n, g in zip(leaves, grads)}  # H_ww @ 1 per weight
 
-    with _scoring(model), torch.enable_grad():
+    with _scoring(model), torch.enable_grad(), _math_attention():
         return _average(per_batch(x, y) for x, y in _pairs(batches, _device(model)))
 
 
@@ -600,6 +610,41 @@ def reduce(scores: Mapping[str, torch.Tensor], how: str = "l2", *, group_size: i
         else:
             out[n] = rows.sum(1) if how == "sum" else rows.sum(1).square()
     return out
+
+
+def expand(channel_scores: Mapping[str, torch.Tensor], model: nn.Module) -> Scores:
+    """Per-channel scores (``activation``, ``apoz``, :func:`reduce`) as element scores: each weight
+    gets its output channel's score, shaped like the weight. Ranking these globally prunes whole
+    channels (ties inside a channel are broken by position), which is what a structured criterion
+    means when an unstructured budget is asked of it."""
+    require(isinstance(channel_scores, Mapping) and len(channel_scores) > 0,
+            "channel_scores must be a non-empty dict name -> (C_out,) scores")
+    weights = _weights(model, list(channel_scores))
+    out = {}
+    for n, s in channel_scores.items():
+        w = weights[n]
+        require(isinstance(s, torch.Tensor) and s.dim() == 1 and s.numel() == w.shape[0],
+                f"channel_scores[{n!r}] must have shape ({w.shape[0]},), got {tuple(getattr(s, 'shape', ()))}")
+        out[n] = s.detach().reshape(-1, *[1] * (w.dim() - 1)).expand(w.shape).clone()
+    return out
+
+
+def relative_error(estimate: Mapping[str, torch.Tensor], exact: Mapping[str, torch.Tensor]) -> float:
+    """||estimate - exact||_2 / ||exact||_2 over all tensors together (the same names and shapes)."""
+    require(isinstance(estimate, Mapping) and isinstance(exact, Mapping) and set(estimate) == set(exact) and exact,
+            "estimate and exact must be non-empty dicts with the same names")
+    num = sum(float((estimate[n].double() - exact[n].double()).square().sum()) for n in exact)
+    den = sum(float(exact[n].double().square().sum()) for n in exact)
+    require(den > 0, "exact is all zeros: the relative error is undefined")
+    return math.sqrt(num / den)
+
+
+def causal_lm_loss(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of a causal LM, as ``loss_fn`` for this module's criteria:
+    ``outputs`` a model output with ``.logits`` (B, T, V) (or the logits), ``targets`` (B, T) the next
+    tokens (``data.lm_windows`` yields (inputs, targets) pairs already shifted)."""
+    logits = getattr(outputs, "logits", outputs)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, -2).float(), targets.reshape(-1))
 
 
 # ----------------------------------------------------------------------------- the entry point

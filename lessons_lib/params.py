@@ -185,6 +185,11 @@ LESSONS: dict[str, dict[str, Any]] = {
         "csr_sparsities": ListOf(Number(0, 1, open_high=True)), "timing_repeats": Int(1),
         "minilm_sentences": Int(64), "minilm_recovery_steps": Int(1), "lm_drop_layers": Int(1, 11), "random_drops": Int(1),
         "lm_heal_steps": Int(1), "lm_val_blocks": Int(1)},
+    "07_importance_criteria": COMMON | {
+        "threads": Int(0), "score_samples": Int(64), "score_seeds": Int(1), "sparsities": ListOf(Number(0, 1, open_high=True)),
+        "hessian_probes": Int(1), "tiny_probes": ListOf(Int(1), min_length=2), "fine_tune_steps": Int(10), "batch_size": Int(1),
+        "channel_ratio": Number(0, 1, open_low=True, open_high=True), "snip_sparsities": ListOf(Number(0, 1, open_high=True)),
+        "snip_steps": Int(10), "lm_calibration": Int(8), "lm_hessian_probes": Int(1), "lm_val_blocks": Int(1)},
 }
 
 RULES: dict[str, tuple[Rule, ...]] = {
@@ -194,6 +199,11 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "04_quantization_aware_training": (
         Rule(("warmup_steps", "qat_steps"), lambda v: v["warmup_steps"] < v["qat_steps"],
              "warmup_steps must be smaller than qat_steps"),),
+    "07_importance_criteria": (
+        Rule(("score_samples",), lambda v: v["score_samples"] % 64 == 0, "score_samples must be a multiple of 64 (batches of 64)"),
+        Rule(("tiny_probes",), lambda v: list(v["tiny_probes"]) == sorted(set(v["tiny_probes"])),
+             "tiny_probes must increase (the last is the probe count the target is checked at)"),
+        Rule(("lm_calibration",), lambda v: v["lm_calibration"] % 8 == 0, "lm_calibration must be a multiple of 8 (batches of 8)")),
 }
 
 

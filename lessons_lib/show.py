@@ -40,3 +40,8 @@ def table(rows: Iterable[Sequence[Any]], header: Sequence[str]) -> None:
         print(text)
     else:
         display(Markdown(text))
+
+
+def verdict(ok: bool) -> str:
+    """A target's verdict for a lesson's targets table: "met", or "**missed**" in bold."""
+    return "met" if ok else "**missed**"

@@ -153,3 +153,34 @@ def consistent_verdict(per_seed: Sequence[McNemar], alpha: float = 0.05) -> str:
     if all(r.significant(alpha) and r.difference < 0 for r in per_seed):
         return f"B better on every seed (p < {alpha:g} each)"
     return "no consistent difference (within noise)"
+
+
+def _flat_pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b = torch.as_tensor(a).detach().reshape(-1).double().cpu(), torch.as_tensor(b).detach().reshape(-1).double().cpu()
+    if a.numel() != b.numel() or a.numel() < 2:
+        raise ValueError(f"a and b must hold the same number (>= 2) of scores, got {a.numel()} and {b.numel()}")
+    return a, b
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's rank correlation of two score tensors (flattened, paired element by element):
+    Pearson's correlation of their ranks, tied scores sharing their mean rank. 1: the same order;
+    0: unrelated orders; nan if either is constant."""
+    from scipy import stats as scipy_stats
+
+    a, b = _flat_pair(a, b)
+    if bool((a == a[0]).all()) or bool((b == b[0]).all()):
+        return math.nan
+    return float(scipy_stats.spearmanr(a.numpy(), b.numpy()).statistic)
+
+
+def top_overlap(a: torch.Tensor, b: torch.Tensor, fraction: float = 0.1) -> float:
+    """Share of the ``round(fraction * n)`` highest-scored elements of ``a`` that are also among the
+    highest of ``b`` (among equal scores the lower index counts as higher). A random pair of orders overlaps by about ``fraction``."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    a, b = _flat_pair(a, b)
+    k = max(1, round(fraction * a.numel()))
+    top_a = set(torch.sort(a, descending=True, stable=True).indices[:k].tolist())  # ties: lower index first
+    top_b = set(torch.sort(b, descending=True, stable=True).indices[:k].tolist())
+    return len(top_a & top_b) / k

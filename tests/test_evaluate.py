@@ -23,6 +23,15 @@ def test_accuracy_by_hand_and_mode_restored():
     assert model.training
 
 
+def test_correct_marks_each_example_by_hand():
+    X = torch.tensor([[0.0], [1.0], [2.0], [1.0], [0.0]])
+    y = torch.tensor([0, 1, 1, 1, 2])
+    hits = evaluate.correct(FixedClassifier(), X, y, batch_size=2)
+    assert hits.dtype == torch.bool and hits.tolist() == [True, True, False, True, False]
+    with pytest.raises(ValueError, match="same number"):
+        evaluate.correct(FixedClassifier(), X, y[:3])
+
+
 def test_accuracy_rejects_mismatched_inputs():
     with pytest.raises(ValueError, match="equally long"):
         evaluate.accuracy(FixedClassifier(), torch.zeros(3, 1), torch.zeros(2, dtype=torch.long))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from lessons_lib import explore, gptq, precision
+from lessons_lib import explore, gptq, precision, prune
 
 # ----------------------------------------------------------------------------- control specifications
 
@@ -346,3 +346,19 @@ def test_soft_labels_is_the_softmax_at_t_and_flattens_as_t_grows():
         assert row["T^2 KL to uniform"] == pytest.approx(T**2 * (math.log(10) - entropy), rel=1e-4, abs=1e-6)
     entropies = [r["entropy (nats)"] for r in rows]
     assert all(a < b for a, b in zip(entropies, entropies[1:])) and entropies[-1] < math.log(10)
+
+
+def test_criterion_masks_compares_a_criterion_with_magnitude():
+    g = torch.Generator().manual_seed(0)
+    w = {"a.weight": torch.randn(8, 4, generator=g), "b.weight": torch.randn(2, 4, generator=g)}
+    sets = {"l1": {n: v.abs() for n, v in w.items()}, "l2": {n: v.square() for n, v in w.items()},
+            "random": {n: torch.rand(v.shape, generator=g) for n, v in w.items()}}
+    same = explore.criterion_masks(sets, "l2", 0.5)
+    assert same["kept as by magnitude"] == 1.0 and same["global"] == 0.5
+    other = explore.criterion_masks(sets, "random", 0.5)
+    mine, magnitude = (prune.global_masks(sets[c], 0.5) for c in ("random", "l1"))
+    both = sum(int((mine[n] & magnitude[n]).sum()) for n in w)
+    assert other["kept as by magnitude"] == both / 20 and other["a"] == prune.sparsity(mine).fractions["a.weight"]
+    assert len(explore.criterion_masks_figure(sets, "random", 0.5).axes) == 2
+    with pytest.raises(ValueError, match="criterion must be one of"):
+        explore.criterion_masks(sets, "fisher", 0.5)

@@ -442,3 +442,59 @@ def test_every_criterion_on_the_vision_teacher():
             expected = (weights[n].shape[0],) if c in importance.STRUCTURED else weights[n].shape
             assert s.shape == expected, (c, n, s.shape)
     assert not model.training
+
+
+class _Attention(nn.Module):
+    """One self-attention layer through F.scaled_dot_product_attention, like Hugging Face's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.out = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, 8) -> (B, 5)
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)  # (B, heads 2, T, 4) each
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)
+        return self.out(a.mean(1))
+
+
+def test_second_order_criteria_run_through_scaled_dot_product_attention():
+    torch.manual_seed(0)
+    model = _Attention()
+    batches = [(torch.randn(4, 6, 8), torch.randint(0, 5, (4,)))]
+    exact = importance.hessian_diagonal_exact(model, batches, F.cross_entropy)
+    rows = importance.hessian_row_sums(model, batches, F.cross_entropy)
+    errors = []
+    for probes in (250, 4000):
+        est = importance.hutchinson_diagonal(model, batches, F.cross_entropy, probes=probes)
+        assert set(exact) == set(est) == set(rows) == {"qkv.weight", "out.weight"}
+        num = sum(float((est[n] - exact[n]).square().sum()) for n in exact)
+        errors.append(math.sqrt(num / sum(float(exact[n].square().sum()) for n in exact)))
+    assert errors[1] < 0.5 and errors[1] < errors[0] / 2  # 16x the probes: about 1/4 of the error
+
+
+def test_expand_relative_error_and_causal_lm_loss_by_hand():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 3))
+    channel = {"0.weight": torch.tensor([1.0, 5.0]), "2.weight": torch.tensor([3.0, 2.0, 1.0])}
+    out = importance.expand(channel, model)
+    assert out["0.weight"].shape == (2, 1, 3, 3) and out["2.weight"].shape == (3, 2)
+    assert torch.equal(out["0.weight"][1], torch.full((1, 3, 3), 5.0)) and torch.equal(out["2.weight"][:, 0], channel["2.weight"])
+    masks = prune.global_masks(out, 0.5)  # the lowest-scored channels go whole
+    assert not masks["0.weight"][0].any() and masks["0.weight"][1].all()
+    with pytest.raises(ValueError, match="must have shape"):
+        importance.expand({"0.weight": torch.ones(3)}, model)
+    exact = {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([4.0])}
+    assert importance.relative_error({"a": torch.tensor([3.0, 1.0]), "b": torch.tensor([4.0])}, exact) == pytest.approx(1 / 5)
+    with pytest.raises(ValueError, match="all zeros"):
+        importance.relative_error(exact, {"a": torch.zeros(2), "b": torch.zeros(1)})
+    logits = torch.randn(2, 4, 7)
+    targets = torch.randint(0, 7, (2, 4))
+    by_hand = -torch.log_softmax(logits, -1).gather(-1, targets[..., None]).mean()
+    torch.testing.assert_close(importance.causal_lm_loss(logits, targets), by_hand)
+
+    class Out:
+        pass
+
+    wrapped = Out()
+    wrapped.logits = logits
+    torch.testing.assert_close(importance.causal_lm_loss(wrapped, targets), by_hand)

@@ -14,3 +14,7 @@ def test_markdown_table_by_hand_escapes_pipes_and_refuses_ragged_rows():
 def test_table_displays_the_same_markdown(capsys):
     show.table([["x", 1]], ["name", "value"])  # outside a notebook IPython prints the plain-text repr
     assert "| x | 1 |" in capsys.readouterr().out
+
+
+def test_verdict_words():
+    assert show.verdict(True) == "met" and show.verdict(False) == "**missed**"

@@ -77,3 +77,20 @@ def test_verdicts_say_only_what_the_tests_support():
     assert PairedSeeds((0.01, 0.01), 0.01, 0.0, math.nan, "greater").verdict().startswith("no spread")
     assert PairedSeeds((0.01, 0.02, 0.015), 0.015, 0.003, 0.01, "greater").verdict() == "beyond seed noise (p < 0.05)"
     assert PairedSeeds((0.01, -0.02, 0.015), 0.002, 0.01, 0.4, "greater").verdict() == "not established with 3 seeds (p >= 0.05)"
+
+
+def test_spearman_by_hand_with_ties_and_top_overlap():
+    a = torch.tensor([3.0, 1.0, 2.0, 2.0, 5.0, 2.0])  # average ranks 5, 1, 3, 3, 6, 3
+    b = torch.tensor([1.0, 2.0, 3.0, 4.0, 6.0, 5.0])  # ranks 1..6 as they are
+    ra, rb = torch.tensor([5.0, 1, 3, 3, 6, 3]), b
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    assert stats.spearman(a, b) == pytest.approx(float(ra @ rb / (ra.norm() * rb.norm())))
+    assert stats.spearman(b, b * 10 + 1) == pytest.approx(1.0)
+    assert stats.spearman(b, -b) == pytest.approx(-1.0)
+    assert math.isnan(stats.spearman(torch.ones(3), b[:3]))
+    assert stats.top_overlap(a, b, 0.5) == pytest.approx(1 / 3)  # top 3: a {4, 0, 2} (the first 2.0), b {4, 5, 3}
+    assert stats.top_overlap(b, b * 2, 0.1) == 1.0
+    with pytest.raises(ValueError, match="same number"):
+        stats.spearman(a, b[:3])
+    with pytest.raises(ValueError, match="fraction"):
+        stats.top_overlap(a, b, 0.0)
