@@ -543,3 +543,28 @@ def criterion_masks_figure(score_sets: Mapping[str, Mapping[str, torch.Tensor]],
     """Lesson 07: lesson 06's mask figure for ``score_sets[criterion]`` (global threshold)."""
     require(criterion in score_sets, f"criterion must be one of {list(score_sets)}, got {criterion!r}")
     return prune.mask_figure(score_sets[criterion], sparsity, "global")
+
+
+def skip_share(ratios: Mapping[int, torch.Tensor], beta: float) -> dict[str, Any]:
+    """Lesson 08: dynamic skipping (Lu et al., arXiv:2402.14800, sec. 3.2) skips a token's second
+    expert when w2 < beta * w1. From each MoE layer's calibration ratios w2 / w1 (layer -> (N,)),
+    the share of second-expert calls skipped per layer and overall, and the expert evaluations left
+    per token and layer (2 without skipping)."""
+    require(isinstance(ratios, Mapping) and len(ratios) > 0, "ratios must be a non-empty dict layer -> w2/w1 ratios")
+    require(_is_real(beta) and 0 <= beta <= 1, f"beta must be a number in [0, 1], got {beta!r}")
+    row: dict[str, Any] = {f"layer {layer}": float((r < beta).float().mean()) for layer, r in ratios.items()}
+    total = sum(int((r < beta).sum()) for r in ratios.values()) / sum(r.numel() for r in ratios.values())
+    row["all layers"] = total
+    row["experts per token"] = 2 - total
+    return row
+
+
+def skip_share_figure(ratios: Mapping[int, torch.Tensor], beta: float) -> Any:
+    """Lesson 08: the distribution of w2 / w1 per MoE layer, with the threshold beta."""
+    fig, ax = _figure(8, 3.5, 1)
+    for layer, r in ratios.items():
+        ax.hist(r.float().numpy(), bins=40, range=(0, 1), histtype="step", label=f"layer {layer}")
+    ax.axvline(beta, color="k", linestyle="--", label=f"beta = {beta:g}: skipped to the left")
+    ax.set(title="Second over first routing weight, per token", xlabel="w2 / w1", ylabel="tokens")
+    ax.legend(fontsize=8)
+    return fig

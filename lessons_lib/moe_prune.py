@@ -456,3 +456,66 @@ def dynamic_skipping(model: nn.Module, betas: float | Mapping[int, float]) -> _D
     require(sorted(table) == layers and all(is_number(b) and 0 <= b <= 1 for b in table.values()),
             f"betas must be a number in [0, 1] or {{layer: beta in [0, 1]}} for the MoE layers {layers}, got {betas!r}")
     return _DynamicSkipping(blocks, {layer: float(b) for layer, b in table.items()})
+
+
+# ----------------------------------------------------------------------------- weight-only quantization of the experts
+@dataclass(frozen=True)
+class QuantizedExperts:
+    """What :func:`quantize_experts_` stored, per fused parameter name: ``code_bytes`` (the packed
+    codes, ``bits`` per weight) and ``param_bytes`` (one fp16 scale and one ``bits``-bit zero point
+    per group of ``group_size`` inputs), and ``original_bytes`` (the tensor as it was)."""
+
+    bits: int
+    group_size: int
+    code_bytes: dict[str, int]
+    param_bytes: dict[str, int]
+    original_bytes: dict[str, int]
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(self.code_bytes.values()) + sum(self.param_bytes.values())
+
+    @property
+    def ratio(self) -> float:
+        """Stored bytes / original bytes of the quantized tensors."""
+        return self.stored_bytes / sum(self.original_bytes.values())
+
+
+@torch.no_grad()
+def quantize_experts_(model: nn.Module, bits: int = 4, group_size: int = 32) -> QuantizedExperts:
+    """Round-to-nearest weight-only quantization of every expert, in place (the weights are replaced
+    by their dequantized values, as :func:`lessons_lib.gptq.quantize_model_` does for Linears).
+
+    Fused experts are not ``nn.Linear``, so Linear-only tools (``quantize_dynamic``, GPTQ's
+    sequential driver) do not reach them. Each expert's matrix (gate_up (2I, H), down (H, I)) is
+    quantized row by row in groups of ``group_size`` consecutive inputs, asymmetric min-max (the
+    per-group grid of GPTQ, Frantar et al., arXiv:2210.17323, and of AWQ); the codes are packed
+    ``bits`` per weight (:func:`lessons_lib.packing.pack_bits`) to count the bytes they would take.
+
+    Args:
+        model: a supported MoE model (:func:`moe.moe_blocks`).
+        bits: 2..8. group_size: inputs per group, dividing every expert's input width.
+    Raises:
+        ValueError: before any change, for bad bits / group_size.
+    """
+    from lessons_lib import packing, quantize
+
+    require(is_int(bits) and 2 <= bits <= 8, f"bits must be an int in 2..8, got {bits!r}")
+    blocks = moe.moe_blocks(model)
+    widths = {w.shape[-1] for _, b in blocks for w in (b.experts.gate_up_proj, b.experts.down_proj)}
+    require(is_int(group_size) and group_size >= 1 and all(n % group_size == 0 for n in widths),
+            f"group_size must be a positive int dividing the experts' input widths {sorted(widths)}, got {group_size!r}")
+    config = quantize.QuantConfig(bits=bits, symmetric=False, granularity="per_group", group_size=group_size)
+    names = _param_names(model)
+    codes, params, original = {}, {}, {}
+    for _, block in blocks:
+        for weight in (block.experts.gate_up_proj, block.experts.down_proj):
+            rows = weight.detach().reshape(-1, weight.shape[-1]).float()  # (E * out, in)
+            scale, zero = quantize.compute_qparams(rows, config)
+            q = quantize.quantize(rows, scale, zero, config)  # uint8 codes in [0, 2^bits)
+            name = names[id(weight)]
+            codes[name] = packing.pack_bits(q, bits).numel()
+            params[name] = scale.numel() * 2 + math.ceil(zero.numel() * bits / 8)
+            original[name] = weight.numel() * weight.element_size()
+            weight.copy_(quantize.dequantize(q, scale, zero, config).reshape(weight.shape).to(weight.dtype))
+    return QuantizedExperts(bits, group_size, codes, params, original)

@@ -190,6 +190,11 @@ LESSONS: dict[str, dict[str, Any]] = {
         "hessian_probes": Int(1), "tiny_probes": ListOf(Int(1), min_length=2), "fine_tune_steps": Int(10), "batch_size": Int(1),
         "channel_ratio": Number(0, 1, open_low=True, open_high=True), "snip_sparsities": ListOf(Number(0, 1, open_high=True)),
         "snip_steps": Int(10), "lm_calibration": Int(8), "lm_hessian_probes": Int(1), "lm_val_blocks": Int(1)},
+    "08_moe_pruning": COMMON | {
+        "threads": Int(0), "calibration_windows": Int(8), "val_blocks": Int(1), "keep_counts": ListOf(Int(2, 8)),
+        "random_draws": Int(1), "usage_sizes": ListOf(Int(1)), "base_ratio": Number(0, 1, open_high=True),
+        "router_sparsities": ListOf(Number(0, 1, open_high=True)), "betas": ListOf(Number(0, 1)), "w4_group_size": Choice((8, 16, 32, 64, 128)),
+        "timing_repeats": Int(1)},
 }
 
 RULES: dict[str, tuple[Rule, ...]] = {
@@ -204,6 +209,12 @@ RULES: dict[str, tuple[Rule, ...]] = {
         Rule(("tiny_probes",), lambda v: list(v["tiny_probes"]) == sorted(set(v["tiny_probes"])),
              "tiny_probes must increase (the last is the probe count the target is checked at)"),
         Rule(("lm_calibration",), lambda v: v["lm_calibration"] % 8 == 0, "lm_calibration must be a multiple of 8 (batches of 8)")),
+    "08_moe_pruning": (
+        Rule(("calibration_windows",), lambda v: v["calibration_windows"] % 8 == 0, "calibration_windows must be a multiple of 8 (batches of 8)"),
+        Rule(("usage_sizes", "calibration_windows"), lambda v: max(v["usage_sizes"]) <= v["calibration_windows"] // 8,
+             "usage_sizes counts calibration batches of 8 windows: each must be at most calibration_windows // 8"),
+        Rule(("betas",), lambda v: v["betas"][0] == 0 and v["betas"][-1] == 1 and list(v["betas"]) == sorted(set(v["betas"])),
+             "betas must increase from 0 to 1 (the two ends are checked: 0 = no skipping, 1 = top-1 routing)")),
 }
 
 

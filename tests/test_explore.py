@@ -362,3 +362,14 @@ def test_criterion_masks_compares_a_criterion_with_magnitude():
     assert len(explore.criterion_masks_figure(sets, "random", 0.5).axes) == 2
     with pytest.raises(ValueError, match="criterion must be one of"):
         explore.criterion_masks(sets, "fisher", 0.5)
+
+
+def test_skip_share_counts_ratios_below_beta():
+    ratios = {0: torch.tensor([0.1, 0.5, 0.9, 1.0]), 2: torch.tensor([0.2, 0.3])}
+    row = explore.skip_share(ratios, 0.4)
+    assert row["layer 0"] == 0.25 and row["layer 2"] == 1.0
+    assert row["all layers"] == pytest.approx(3 / 6) and row["experts per token"] == pytest.approx(1.5)
+    assert explore.skip_share(ratios, 0.0)["all layers"] == 0.0 and explore.skip_share(ratios, 1.0)["all layers"] == pytest.approx(5 / 6)
+    assert len(explore.skip_share_figure(ratios, 0.4).axes) == 1
+    with pytest.raises(ValueError, match="beta must be"):
+        explore.skip_share(ratios, 1.5)

@@ -418,3 +418,27 @@ def test_skip_betas_are_medians_and_bad_inputs_are_refused():
     for call in (lambda: moe_prune.dynamic_skipping(top3, 0.5), lambda: moe_prune.skip_betas(top3, ids, block_size=16)):
         with pytest.raises(ValueError, match="top_k == 2.*top_k=3"):
             call()
+
+
+def test_quantize_experts_by_hand_bytes_and_error_bound():
+    model = tiny("mixtral")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    q = moe_prune.quantize_experts_(model, bits=4, group_size=8)
+    fused = [n for n in before if n.endswith(("gate_up_proj", "down_proj"))]
+    assert sorted(q.code_bytes) == sorted(fused)
+    for n in fused:
+        w, wq = before[n], dict(model.named_parameters())[n].detach()
+        rows = w.reshape(-1, 8)  # groups of 8 inputs
+        step = (rows.max(1).values.clamp(min=0) - rows.min(1).values.clamp(max=0)) / 15  # asymmetric min-max, 16 levels
+        assert ((wq.reshape(-1, 8) - rows).abs() <= step[:, None] / 2 + 1e-6).all()
+        assert q.code_bytes[n] == w.numel() // 2  # 4 bits per weight
+        assert q.param_bytes[n] == rows.shape[0] * 2 + rows.shape[0] // 2  # fp16 scale + 4-bit zero per group
+        assert len(torch.unique(wq.reshape(-1, 8)[0])) <= 16
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if n not in fused), "only the experts change"
+    assert q.ratio == pytest.approx(sum(q.code_bytes[n] + q.param_bytes[n] for n in fused) / sum(before[n].numel() * 4 for n in fused))
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="group_size must be"):
+        moe_prune.quantize_experts_(model, bits=4, group_size=5)
+    with pytest.raises(ValueError, match="bits must be"):
+        moe_prune.quantize_experts_(model, bits=1)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
