@@ -568,3 +568,24 @@ def skip_share_figure(ratios: Mapping[int, torch.Tensor], beta: float) -> Any:
     ax.set(title="Second over first routing weight, per token", xlabel="w2 / w1", ylabel="tokens")
     ax.legend(fontsize=8)
     return fig
+
+
+def pick_configuration(table: Sequence[Mapping[str, Any]], size_budget: float, ppl_tolerance: float,
+                       hardware: Sequence[str] | None = None) -> dict[str, Any]:
+    """Lesson 09: the cheapest measured configuration (lowest latency) whose bytes are at most
+    ``size_budget`` x the fp32 row's and whose perplexity is at most ``ppl_tolerance`` above the fp32
+    row's (a fraction), on this machine's ``hardware`` features (``gate.pick``); when none fits, the
+    closest one and how it misses, in words."""
+    from lessons_lib import gate
+
+    require(_is_real(size_budget) and size_budget > 0, f"size_budget must be a number > 0 (a fraction of fp32's bytes), got {size_budget!r}")
+    fp32 = next((r for r in table if r.get("name") == "fp32"), None)
+    require(fp32 is not None, "table must hold a row named 'fp32' (the baseline)")
+    result = gate.pick(table, quality_key="ppl", cost_key="ms", higher_is_better=False, max_bytes=size_budget * float(fp32["bytes"]),
+                       max_quality_loss=ppl_tolerance, relative=True, hardware=hardware)
+    if result.found:
+        row = result.chosen
+        return {"choice": row["name"], "bytes / fp32": float(row["bytes"]) / float(fp32["bytes"]),
+                "perplexity change": float(row["ppl"]) / float(fp32["ppl"]) - 1, "ms": float(row["ms"]), "why not the others": len(result.rejected)}
+    return {"choice": f"none fits; closest: {result.closest}", "bytes / fp32": math.nan, "perplexity change": math.nan, "ms": math.nan,
+            "why not the others": result.miss}

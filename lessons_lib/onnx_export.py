@@ -207,6 +207,23 @@ class OutputOf(nn.Module):
         return getattr(self.model(**dict(zip(self.input_names, tensors)), **self.fixed), self.output)
 
 
+class SentenceEmbedder(nn.Module):
+    """A Hugging Face encoder (MiniLM) with Sentence-BERT mean pooling, for export:
+    ``(input_ids, attention_mask, token_type_ids) -> (B, H)`` embeddings, what
+    :func:`lessons_lib.evaluate.sentence_embeddings` computes (Reimers & Gurevych, arXiv:1908.10084)."""
+
+    NAMES = ("input_ids", "attention_mask", "token_type_ids")
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.states = OutputOf(encoder, self.NAMES, "last_hidden_state")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        from lessons_lib import evaluate
+
+        return evaluate.mean_pool(self.states(input_ids, attention_mask, token_type_ids), attention_mask)
+
+
 def export(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor], path: str | Path, *,
            input_names: Sequence[str], output_names: Sequence[str], dynamic_batch: bool = True,
            dynamic_axes: Mapping[str, Mapping[int, str]] | None = None, opset: int = 17) -> Path:

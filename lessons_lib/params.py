@@ -195,6 +195,9 @@ LESSONS: dict[str, dict[str, Any]] = {
         "random_draws": Int(1), "usage_sizes": ListOf(Int(1)), "base_ratio": Number(0, 1, open_high=True),
         "router_sparsities": ListOf(Number(0, 1, open_high=True)), "betas": ListOf(Number(0, 1)), "w4_group_size": Choice((8, 16, 32, 64, 128)),
         "timing_repeats": Int(1)},
+    "09_best_practices": COMMON | {
+        "threads": Int(0), "lm_val_blocks": Int(8), "gptq_calibration": Int(8), "student_steps": Int(1), "minilm_sentences": Int(32),
+        "timing_repeats": Int(1), "eval_draws": Int(1), "ppl_tolerance": Number(0)},
 }
 
 RULES: dict[str, tuple[Rule, ...]] = {
@@ -215,6 +218,8 @@ RULES: dict[str, tuple[Rule, ...]] = {
              "usage_sizes counts calibration batches of 8 windows: each must be at most calibration_windows // 8"),
         Rule(("betas",), lambda v: v["betas"][0] == 0 and v["betas"][-1] == 1 and list(v["betas"]) == sorted(set(v["betas"])),
              "betas must increase from 0 to 1 (the two ends are checked: 0 = no skipping, 1 = top-1 routing)")),
+    "09_best_practices": (
+        Rule(("gptq_calibration",), lambda v: v["gptq_calibration"] % 8 == 0, "gptq_calibration must be a multiple of 8 (batches of 8)"),),
 }
 
 

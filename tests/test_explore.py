@@ -373,3 +373,15 @@ def test_skip_share_counts_ratios_below_beta():
     assert len(explore.skip_share_figure(ratios, 0.4).axes) == 1
     with pytest.raises(ValueError, match="beta must be"):
         explore.skip_share(ratios, 1.5)
+
+
+def test_pick_configuration_takes_the_fastest_row_that_fits():
+    table = [{"name": "fp32", "ppl": 10.0, "bytes": 100, "ms": 10.0}, {"name": "int8", "ppl": 10.2, "bytes": 30, "ms": 6.0},
+             {"name": "w4", "ppl": 11.5, "bytes": 15, "ms": 8.0}, {"name": "fast", "ppl": 10.1, "bytes": 90, "ms": 1.0, "needs": ["cuda"]}]
+    assert explore.pick_configuration(table, 0.5, 0.05, hardware=["cpu"])["choice"] == "int8"
+    assert explore.pick_configuration(table, 1.0, 0.05, hardware=["cpu", "cuda"])["choice"] == "fast"
+    assert explore.pick_configuration(table, 0.2, 0.2, hardware=["cpu"])["choice"] == "w4"
+    none = explore.pick_configuration(table, 0.2, 0.05, hardware=["cpu"])
+    assert none["choice"].startswith("none fits; closest:") and math.isnan(none["ms"])
+    with pytest.raises(ValueError, match="size_budget"):
+        explore.pick_configuration(table, 0, 0.05)

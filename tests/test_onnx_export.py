@@ -42,20 +42,9 @@ def test_cnn_logits_in_onnx_runtime_equal_pytorchs_at_another_batch_size(cnn, cn
     assert not cnn.training  # export restored the mode
 
 
-class _Embedder(nn.Module):
-    """MiniLM with Sentence-BERT mean pooling: (ids, mask, types) -> embeddings (B, 384)."""
-
-    def __init__(self, bert: nn.Module) -> None:
-        super().__init__()
-        self.states = ox.OutputOf(bert, ("input_ids", "attention_mask", "token_type_ids"), "last_hidden_state")
-
-    def forward(self, input_ids, attention_mask, token_type_ids):
-        return evaluate.mean_pool(self.states(input_ids, attention_mask, token_type_ids), attention_mask)
-
-
 def test_minilm_sentence_embeddings_in_onnx_runtime_equal_pytorchs(tmp_path):
     bert, tokenizer = data.load_minilm()
-    model = _Embedder(bert).eval()
+    model = ox.SentenceEmbedder(bert).eval()
     names = ["input_ids", "attention_mask", "token_type_ids"]
     example = tokenizer(["Export with two sentences.", "Of different lengths, to pad one."], padding=True, return_tensors="pt")
     path = ox.export(model, [example[n] for n in names], tmp_path / "minilm.onnx", input_names=names,
