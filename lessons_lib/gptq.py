@@ -21,13 +21,19 @@ Worked example (2x2): with strongly correlated inputs, RTN makes both output err
 GPTQ lets the second column cancel the first column's error; see ``notebooks/03_gptq.ipynb``.
 
 The model driver :func:`sequential_` (blocks in order, Hessians from the already processed blocks)
-is not specific to quantization: :mod:`lessons_lib.sparsegpt` prunes with it.
+is not specific to quantization: :mod:`lessons_lib.sparsegpt` prunes with it. With an
+:class:`Offload` it keeps only the block being processed (and its calibration activations) on the
+compute device and every other block on the CPU or on disk, so a model larger than the GPU is
+quantized block by block (the reference implementation, IST-DASLab/gptq ``llama.py``, moves one
+layer at a time to the GPU in the same way; Accelerate's "big model inference" offloads to disk).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -37,6 +43,7 @@ from lessons_lib import quantize
 from lessons_lib.checks import is_int, is_number, require
 
 BITS = (2, 3, 4, 8)
+STORES = ("cpu", "disk")  # where the blocks not being processed wait (see Offload)
 
 
 @dataclass(frozen=True)
@@ -127,8 +134,8 @@ class HessianAccumulator:
     reference implementation's choice) is fast; float64 is for exact checks.
     """
 
-    def __init__(self, in_features: int, dtype: torch.dtype = torch.float32) -> None:
-        self.H = torch.zeros(in_features, in_features, dtype=dtype)
+    def __init__(self, in_features: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        self.H = torch.zeros(in_features, in_features, dtype=dtype, device=device)  # device: that of the inputs
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -202,25 +209,27 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, config: GPTQConfig) -> QuantizedWeig
     H[dead, dead] = 1
     W[:, dead] = 0
     n_groups = cols // config.group_size if config.group_size else 1
-    scale = torch.zeros(rows, n_groups)
-    zero = torch.zeros(rows, n_groups, dtype=torch.int32)
+    device = W.device  # every tensor of the algorithm lives where the weight does
+    scale = torch.zeros(rows, n_groups, device=device)
+    zero = torch.zeros(rows, n_groups, dtype=torch.int32, device=device)
     if config.group_size is None:
         scale[:, 0], zero[:, 0] = _qparams(W, config)
     elif config.act_order:  # static groups: fixed from the original order before reordering
         for g in range(n_groups):
             scale[:, g], zero[:, g] = _qparams(W[:, g * config.group_size : (g + 1) * config.group_size], config)
-    perm = torch.argsort(torch.diag(H), descending=True) if config.act_order else torch.arange(cols)
+    perm = torch.argsort(torch.diag(H), descending=True) if config.act_order else torch.arange(cols, device=device)
+    order = perm.tolist()  # the original column of each step, read once (no device sync per column)
     W, H = W[:, perm], H[perm][:, perm]
-    H += config.damp_ratio * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype)
+    H += config.damp_ratio * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype, device=device)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
-    Q = torch.zeros(rows, cols)
-    losses = torch.zeros(cols)
+    Q = torch.zeros(rows, cols, device=device)
+    losses = torch.zeros(cols, device=device)
     for i1 in range(0, cols, config.block_size):
         i2 = min(i1 + config.block_size, cols)
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]  # (rows, B), (B, B)
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
-            col = int(perm[i1 + i])  # original column index
+            col = order[i1 + i]  # original column index
             g = col // config.group_size if config.group_size else 0
             if config.group_size and not config.act_order and col % config.group_size == 0:
                 upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, : config.group_size]  # updated values
@@ -330,7 +339,7 @@ def _block_hessians(block: nn.Module, group: dict[str, nn.Linear], inputs: list)
     owner: dict[int, str] = {}  # input tensor (all still alive, so their ids are distinct) -> first reader
     for name, tensor in first_input.items():
         owner.setdefault(id(tensor), name)
-    acc = {name: HessianAccumulator(group[name].in_features) for name in set(owner.values())}
+    acc = {name: HessianAccumulator(group[name].in_features, device=group[name].weight.device) for name in set(owner.values())}
     hooks = [group[n].register_forward_hook(lambda mod, inp, out, n=n: acc[n].add(inp[0])) for n in acc]
     try:
         for args, kwargs in inputs:
@@ -358,6 +367,153 @@ def block_linears(model: nn.Module) -> list[dict[str, nn.Linear]]:
 Process = Callable[[str, nn.Linear, torch.Tensor | None], Any]  # (name, linear, H) -> a result
 
 
+@dataclass(frozen=True)
+class Offload:
+    """Where :func:`sequential_` works when the model does not fit the compute device.
+
+    Only the block being processed, its calibration activations and Hessians, and the modules
+    outside the blocks (embeddings, final norm, head: run once, to capture block 0's inputs) are
+    on ``device``; every other block waits in ``store``:
+
+    - "cpu": in CPU memory; a block moves to ``device`` for its turn and back after it.
+    - "disk": as one safetensors file per block in ``folder`` (its tensors freed: "meta"); a block
+      is read onto ``device`` for its turn and written back, processed, after it. At the end every
+      block is read back into CPU memory; the files stay in ``folder`` (the processed blocks).
+
+    After the walk the blocks are on the CPU, the rest of the model where it was, and what
+    ``process`` returned has been moved to the CPU. On one device (``device="cpu"``) the result is
+    that of the in-memory walk, bit for bit.
+
+    Args:
+        device: the compute device, e.g. "cuda", "cuda:1" or "cpu".
+        store: "cpu" or "disk".
+        folder: the folder of the block files; required for "disk", not accepted for "cpu".
+    """
+
+    device: str = "cuda"
+    store: str = "cpu"
+    folder: str | Path | None = None
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.device, (str, torch.device)), f"device must be a device name such as 'cuda', 'cuda:1' or 'cpu', got {self.device!r}")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"device must be a device name such as 'cuda', 'cuda:1' or 'cpu', got {self.device!r}") from None
+        require(self.store in STORES, f"store must be one of {STORES}, got {self.store!r}")
+        require(self.store != "disk" or isinstance(self.folder, (str, Path)),
+                f"store='disk' needs folder, the folder for one file per block, got {self.folder!r}")
+        require(self.store != "cpu" or self.folder is None, f"folder is only for store='disk', got folder={self.folder!r} with store='cpu'")
+
+    def check(self) -> None:
+        """Raise ``ValueError`` unless this machine has ``device`` and ``folder`` can be a folder."""
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+            raise ValueError(f"device {self.device!r}: {torch.cuda.device_count() if torch.cuda.is_available() else 0} "
+                             "CUDA device(s) visible here; use one of them or device='cpu'")
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be a CPU or CUDA device, got {self.device!r}")
+        if self.folder is not None and Path(self.folder).exists() and not Path(self.folder).is_dir():
+            raise ValueError(f"folder {str(self.folder)!r} is a file; pass a folder (made if missing)")
+
+
+def _move(obj: Any, device: torch.device | str) -> Any:
+    """``obj`` with its tensors on ``device``: tensors, dataclasses (e.g. QuantizedWeight), lists, tuples, dicts."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _move(getattr(obj, f.name), device) for f in dataclasses.fields(obj) if f.init})
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_move(x, device) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _move(v, device) for k, v in obj.items()}
+    return obj
+
+
+class _BlockStore:
+    """The offloading of :func:`sequential_` (see :class:`Offload`): a context manager that moves
+    the modules outside the blocks to the compute device and the blocks to their store, brings one
+    block at a time to the device (:meth:`fetch`, :meth:`release`), and puts everything back."""
+
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList, offload: Offload) -> None:
+        self.model, self.blocks, self.offload = model, list(blocks), offload
+        self.device = torch.device(offload.device)
+        self.folder = Path(offload.folder) if offload.folder is not None else None
+        self.on_device: set[int] = set()  # blocks now on the compute device
+        self.outside: list[tuple[nn.Module, str, str, torch.device]] = []  # (module, kind, name, home device)
+
+    def _path(self, i: int) -> Path:
+        return self.folder / f"block_{i:04d}.safetensors"  # type: ignore[operator]
+
+    def _write(self, i: int) -> None:
+        from safetensors.torch import save_file
+
+        block = self.blocks[i]
+        tensors = {**dict(block.named_parameters()), **dict(block.named_buffers())}
+        save_file({n: t.detach().to("cpu", copy=True).contiguous() for n, t in tensors.items()}, str(self._path(i)))
+        block.to("meta")  # frees the block's memory; its values are in the file
+
+    def _read(self, i: int, device: torch.device) -> None:
+        from safetensors.torch import load_file
+
+        block = self.blocks[i]
+        block.to_empty(device=device)
+        values = load_file(str(self._path(i)), device=str(device))
+        for name, t in {**dict(block.named_parameters()), **dict(block.named_buffers())}.items():
+            t.data.copy_(values[name])
+
+    def __enter__(self) -> "_BlockStore":
+        block_modules = {id(m) for block in self.blocks for m in block.modules()}
+        for module in self.model.modules():
+            if id(module) in block_modules:
+                continue
+            for kind in ("_parameters", "_buffers"):
+                for name, t in getattr(module, kind).items():
+                    if t is not None:
+                        self.outside.append((module, kind, name, t.device))
+        self._move_outside(to_home=False)
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        for i, block in enumerate(self.blocks):
+            if self.offload.store == "disk":
+                self._write(i)
+            else:
+                block.to("cpu")
+        return self
+
+    def _move_outside(self, to_home: bool) -> None:
+        for module, kind, name, home in self.outside:
+            t = getattr(module, kind)[name]
+            target = home if to_home else self.device
+            if kind == "_parameters":
+                t.data = t.data.to(target)  # the same Parameter object: ties (embedding = head) survive
+            else:
+                getattr(module, kind)[name] = t.to(target)
+
+    def fetch(self, i: int) -> None:
+        if self.offload.store == "disk":
+            self._read(i, self.device)
+        else:
+            self.blocks[i].to(self.device)
+        self.on_device.add(i)
+
+    def release(self, i: int) -> None:
+        if self.offload.store == "disk":
+            self._write(i)
+        else:
+            self.blocks[i].to("cpu")
+        self.on_device.discard(i)
+
+    def __exit__(self, *exc: object) -> None:
+        for i, block in enumerate(self.blocks):
+            if i in self.on_device:  # interrupted during its turn: keep what it holds
+                block.to("cpu")
+            elif self.offload.store == "disk":
+                self._read(i, torch.device("cpu"))
+        self.on_device.clear()
+        self._move_outside(to_home=True)
+
+
 @torch.no_grad()
 def sequential_(
     model: nn.Module,
@@ -367,6 +523,7 @@ def sequential_(
     needs_hessian: bool = True,
     progress: bool = False,
     desc: str = "blocks",
+    offload: Offload | None = None,
 ) -> dict[str, Any]:
     """Walk the decoder blocks in order and hand every block Linear, with its Hessian, to ``process``.
 
@@ -378,7 +535,8 @@ def sequential_(
     whole block, the calibration inputs go through the block again to feed the next one.
 
     Args:
-        model: a Hugging Face causal LM (see :func:`decoder_layers`), in eval mode, on the CPU.
+        model: a Hugging Face causal LM (see :func:`decoder_layers`), in eval mode, on the CPU
+            (or anywhere, with ``offload``).
         calibration: token ids (n_samples, T); may be None when ``needs_hessian`` is False.
         process: called once per block Linear as ``process(name, linear, H)``, block by block, in
             module order; H is float32 (in_features, in_features), or None without ``needs_hessian``.
@@ -386,28 +544,46 @@ def sequential_(
         batch_size: calibration sequences per forward pass.
         needs_hessian: False skips every forward pass (round-to-nearest, magnitude pruning).
         progress: show a progress bar over blocks, labelled ``desc``.
+        offload: None (everything stays where it is), or an :class:`Offload`: only the block being
+            processed and its activations on ``offload.device``, the other blocks on the CPU or
+            on disk, so that a model larger than the device is processed block by block.
+            ``process`` then sees the Linear and H on that device; its results are moved to the CPU.
     Returns:
         Full module name -> what ``process`` returned for it.
     Raises:
-        ValueError: no decoder blocks, no Linear in them, or no calibration when it is needed;
-            raised before ``process`` is first called.
+        ValueError: no decoder blocks, no Linear in them, no calibration when it is needed, or an
+            offload device this machine lacks; raised before ``process`` is first called.
     """
     from tqdm.auto import tqdm
 
     linears = block_linears(model)
     if needs_hessian and (calibration is None or calibration.dim() != 2 or calibration.numel() == 0):
         raise ValueError(f"{desc} needs calibration data: token ids of shape (n_samples, T), n_samples >= 1")
+    if offload is not None:
+        if not isinstance(offload, Offload):
+            raise ValueError(f"offload must be None or a gptq.Offload(device, store, folder), got {offload!r}")
+        offload.check()
     blocks = decoder_layers(model)
     results: dict[str, Any] = {}
-    with _one_thread():  # small block-sized operations: threads cost more than they give
+    store = _BlockStore(model, blocks, offload) if offload is not None else contextlib.nullcontext()
+    with _one_thread(), store:  # small block-sized operations: threads cost more than they give
+        if offload is not None and needs_hessian:
+            calibration = calibration.to(offload.device)
         inputs = _first_block_inputs(model, blocks[0], calibration, batch_size) if needs_hessian else []
-        for block, group in tqdm(list(zip(blocks, linears)), desc=desc, disable=not progress):
+        for i, (block, group) in enumerate(tqdm(list(zip(blocks, linears)), desc=desc, disable=not progress)):
+            if offload is not None:
+                store.fetch(i)
             H = _block_hessians(block, group, inputs) if needs_hessian else dict.fromkeys(group)
             for name, m in group.items():
                 results[name] = process(name, m, H[name])
             if needs_hessian:  # the next block sees this block's processed outputs
                 outputs = [block(*args, **kwargs) for args, kwargs in inputs]
                 inputs = [_with_hidden(a, k, o[0] if isinstance(o, tuple) else o) for (a, k), o in zip(inputs, outputs)]
+            if offload is not None:
+                del H
+                store.release(i)
+                for name in group:
+                    results[name] = _move(results[name], "cpu")
     return results
 
 
@@ -419,6 +595,7 @@ def quantize_model_(
     method: str = "gptq",
     batch_size: int = 8,
     progress: bool = False,
+    offload: Offload | None = None,
 ) -> dict[str, QuantizedWeight]:
     """Quantize every Linear inside the decoder blocks of a causal LM, block by block, in place.
 
@@ -434,8 +611,10 @@ def quantize_model_(
         method: "gptq" or "rtn" (round-to-nearest, same quantizer, no calibration needed).
         batch_size: calibration sequences per forward pass.
         progress: show a progress bar over blocks.
+        offload: quantize a model larger than the GPU block by block (see :class:`Offload` and
+            :func:`sequential_`); None keeps everything where it is.
     Returns:
-        Module name -> :class:`QuantizedWeight`, for every quantized Linear.
+        Module name -> :class:`QuantizedWeight`, for every quantized Linear (on the CPU with ``offload``).
     """
     if method not in ("gptq", "rtn"):
         raise ValueError(f"method must be 'gptq' or 'rtn', got {method!r}")
@@ -449,4 +628,4 @@ def quantize_model_(
         return qw
 
     return sequential_(model, calibration, process, batch_size, needs_hessian=method == "gptq",
-                       progress=progress, desc=method)
+                       progress=progress, desc=method, offload=offload)
