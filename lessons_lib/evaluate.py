@@ -87,7 +87,7 @@ def accuracy(
     """Top-1 accuracy of a classifier: the share of :func:`predictions` equal to ``y`` (N,), in [0, 1]."""
     if len(X) != len(y) or len(X) == 0:
         raise ValueError(f"X and y must be non-empty and equally long, got {len(X)} and {len(y)}")
-    return int((predictions(model, X, batch_size, device) == y).sum()) / len(X)
+    return int(correct(model, X, y, batch_size, device).sum()) / len(X)
 
 
 def causal_lm_nll(

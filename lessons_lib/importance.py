@@ -620,13 +620,10 @@ def expand(channel_scores: Mapping[str, torch.Tensor], model: nn.Module) -> Scor
     require(isinstance(channel_scores, Mapping) and len(channel_scores) > 0,
             "channel_scores must be a non-empty dict name -> (C_out,) scores")
     weights = _weights(model, list(channel_scores))
-    out = {}
     for n, s in channel_scores.items():
-        w = weights[n]
-        require(isinstance(s, torch.Tensor) and s.dim() == 1 and s.numel() == w.shape[0],
-                f"channel_scores[{n!r}] must have shape ({w.shape[0]},), got {tuple(getattr(s, 'shape', ()))}")
-        out[n] = s.detach().reshape(-1, *[1] * (w.dim() - 1)).expand(w.shape).clone()
-    return out
+        require(isinstance(s, torch.Tensor) and s.dim() == 1 and s.numel() == weights[n].shape[0],
+                f"channel_scores[{n!r}] must have shape ({weights[n].shape[0]},), got {tuple(getattr(s, 'shape', ()))}")
+    return {n: prune.broadcast_channels(s.detach(), weights[n]) for n, s in channel_scores.items()}
 
 
 def relative_error(estimate: Mapping[str, torch.Tensor], exact: Mapping[str, torch.Tensor]) -> float:

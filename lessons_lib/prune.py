@@ -233,11 +233,17 @@ def channel_masks(channel_scores: Scores, ratio: float | Mapping[str, float]) ->
     return {n: _prune_lowest(s.detach(), round(ratios[n] * s.numel())) for n, s in scores.items()}
 
 
+def broadcast_channels(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """An (out,) per-channel tensor repeated over the rest of ``weight`` (out, ...): shaped like it."""
+    require(isinstance(values, torch.Tensor) and values.dim() == 1 and values.numel() == weight.shape[0],
+            f"need (out,) = ({weight.shape[0]},) values for a weight of shape {tuple(weight.shape)}, "
+            f"got {tuple(getattr(values, 'shape', ()))}")
+    return values.reshape(-1, *[1] * (weight.dim() - 1)).expand(weight.shape).clone()
+
+
 def expand_channels(keep: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """An (out,) channel keep-vector as a bool mask shaped like ``weight`` (out, ...)."""
-    require(keep.dim() == 1 and keep.numel() == weight.shape[0],
-            f"keep must be (out,) = ({weight.shape[0]},) for a weight of shape {tuple(weight.shape)}, got {tuple(keep.shape)}")
-    return keep.bool().reshape(-1, *[1] * (weight.dim() - 1)).expand(weight.shape).clone()
+    return broadcast_channels(keep.bool(), weight)
 
 
 # ----------------------------------------------------------------------------- reporting

@@ -19,12 +19,7 @@ COMMON = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_
               max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0, initializer_range=0.2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(family: str, experts: int = 4, top_k: int = 2, seed: int = 0, **extra) -> nn.Module:

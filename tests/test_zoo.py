@@ -25,13 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 MANIFEST = json.loads((REPO / "data" / "manifest.json").read_text())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: robust on a shared 2-core machine and under pytest-xdist."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)
