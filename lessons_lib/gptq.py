@@ -17,11 +17,25 @@ zero point; "act-order" (columns by decreasing H_qq), with group parameters fixe
 original column order before reordering (so groups stay contiguous in memory); dead inputs
 (H_qq = 0) get weight 0.
 
+Group parameters without act-order (``GPTQConfig.group_rule``): a group's scale and zero point
+are fixed when the column pass reaches its first column c. "reference" (the default) takes them
+from the weights as they were at the start of the lazy block that contains c: every earlier
+block's updates, none of this block's. That is what the authors' code (IST-DASLab/gptq,
+``fasterquant``) and GPTQModel do, so the result depends on ``block_size`` whenever a group starts
+inside a block (e.g. groups of 64 with blocks of 128). "updated" takes them from the weights as
+updated so far inside the block (this module's rule before issue 16; the columns of the group
+beyond the block are still at the block's start). The two agree when every group starts a block
+(``group_size`` a multiple of ``block_size``) and for one group per row.
+
 Worked example (2x2): with strongly correlated inputs, RTN makes both output errors add up while
 GPTQ lets the second column cancel the first column's error; see ``notebooks/03_gptq.ipynb``.
 
 The model driver :func:`sequential_` (blocks in order, Hessians from the already processed blocks)
-is not specific to quantization: :mod:`lessons_lib.sparsegpt` prunes with it. With an
+is not specific to quantization: :mod:`lessons_lib.sparsegpt` prunes with it. It walks the blocks
+of Hugging Face causal LMs and of BERT-style encoders such as all-MiniLM-L6-v2 (one driver, a
+table of layouts: :data:`LAYOUTS`), calls each block with the arguments the model gave the first
+one (attention mask included), counts only real tokens when the calibration batch is padded, and
+works on the model's device (Hessians, column loop and activations; see :func:`sequential_`). With an
 :class:`Offload` it keeps only the block being processed (and its calibration activations) on the
 compute device and every other block on the CPU or on disk, so a model larger than the GPU is
 quantized block by block (the reference implementation, IST-DASLab/gptq ``llama.py``, moves one
@@ -34,7 +48,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import torch
 from torch import nn
@@ -43,6 +57,7 @@ from lessons_lib import quantize
 from lessons_lib.checks import is_int, is_number, require
 
 BITS = (2, 3, 4, 8)
+GROUP_RULES = ("reference", "updated")  # where a group's scale and zero point come from (see GPTQConfig)
 STORES = ("cpu", "disk")  # where the blocks not being processed wait (see Offload)
 
 
@@ -57,7 +72,18 @@ class GPTQConfig:
             in use (as the reference quantizer of IST-DASLab/gptq); False: asymmetric, GPTQ's default.
         damp_ratio: dampening lambda = damp_ratio * mean(diag H), added to the diagonal.
         block_size: columns per lazy block update (the paper's B = 128).
-        act_order: quantize columns by decreasing Hessian diagonal.
+        act_order: quantize columns by decreasing Hessian diagonal. Groups are then "static": every
+            group's scale and zero point come from the original weights before any update, in the
+            original column order (the reference code's and GPTQModel's ``static_groups=True``).
+            Their default with act-order (``static_groups=False``) forms groups of consecutive
+            *permuted* columns, which needs a group index per column (``g_idx``) that
+            :class:`QuantizedWeight` and :mod:`lessons_lib.packing` do not store.
+        group_rule: without act-order, where a group's scale and zero point come from when the
+            pass reaches its first column c. "reference": the weights as they were at the start of
+            the lazy block containing c (earlier blocks' updates included, this block's not), as
+            IST-DASLab/gptq and GPTQModel do. "updated": the weights as updated so far, up to the
+            end of c's block (the columns beyond it as at the block's start). Only "reference" is
+            accepted with ``act_order`` (groups are static there, see above).
     """
 
     bits: int = 4
@@ -66,10 +92,9 @@ class GPTQConfig:
     damp_ratio: float = 0.01
     block_size: int = 128
     act_order: bool = False
+    group_rule: str = "reference"
 
     def __post_init__(self) -> None:
-
-
         require(is_int(self.bits) and self.bits in BITS, f"bits must be one of {BITS}, got {self.bits!r}")
         require(self.group_size is None or (is_int(self.group_size) and self.group_size >= 1),
               f"group_size must be None (per output row) or a positive int such as 128, got {self.group_size!r}")
@@ -78,6 +103,11 @@ class GPTQConfig:
               f"damp_ratio must be a number in [0, 1), e.g. 0.01, got {self.damp_ratio!r}")
         require(is_int(self.block_size) and self.block_size >= 1, f"block_size must be a positive int, e.g. 128, got {self.block_size!r}")
         require(isinstance(self.act_order, bool), f"act_order must be True or False, got {self.act_order!r}")
+        require(isinstance(self.group_rule, str) and self.group_rule in GROUP_RULES,
+                f"group_rule must be one of {GROUP_RULES}, got {self.group_rule!r}")
+        require(not (self.act_order and self.group_rule == "updated"),
+                "group_rule='updated' needs act_order=False: with act_order the groups are static (their scale and "
+                "zero point come from the original weights); use group_rule='reference' or act_order=False")
 
     def quant_config(self) -> quantize.QuantConfig:
         """The per-row min-max quantizer applied to one group of columns."""
@@ -132,15 +162,21 @@ class HessianAccumulator:
     The running form H <- H * n / (n + m) + 2 X_m^T X_m / (n + m) equals the batch computation on
     all N rows at once (checked in the tests); it never stores X. ``dtype`` float32 (the
     reference implementation's choice) is fast; float64 is for exact checks.
+
+    ``device``: where H lives. None: on the device of the first inputs added (torch's default until then);
+    a device: there, and later inputs are moved to it.
     """
 
     def __init__(self, in_features: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
-        self.H = torch.zeros(in_features, in_features, dtype=dtype, device=device)  # device: that of the inputs
+        self.H = torch.zeros(in_features, in_features, dtype=dtype, device=device)
         self.n = 0
+        self._follow_inputs = device is None
 
     def add(self, x: torch.Tensor) -> None:
         """Add inputs x (..., in_features), e.g. (B, T, C) activations entering a Linear."""
-        x = x.detach().reshape(-1, self.H.shape[0]).to(self.H.dtype)  # (m, C)
+        if self._follow_inputs and self.n == 0 and self.H.device != x.device:
+            self.H = self.H.to(x.device)
+        x = x.detach().reshape(-1, self.H.shape[0]).to(self.H.device, self.H.dtype)  # (m, C)
         m = x.shape[0]
         self.H *= self.n / (self.n + m)
         self.n += m
@@ -180,7 +216,8 @@ def _one_thread() -> Iterator[None]:
     """Run torch single-threaded for a while, then restore the thread count.
 
     GPTQ's column loop is thousands of tiny operations; for those, synchronising two threads
-    costs more than the arithmetic (measured: 60x slower on a busy 2-core machine).
+    costs more than the arithmetic (measured: 60x slower on a busy 2-core machine). For CPU work
+    only: see :func:`_one_thread_on`.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -190,13 +227,21 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def _one_thread_on(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """:func:`_one_thread` when the work runs on the CPU; nothing (torch's threads untouched) elsewhere."""
+    return _one_thread() if torch.device(device).type == "cpu" else contextlib.nullcontext()
+
+
 def gptq(W: torch.Tensor, H: torch.Tensor, config: GPTQConfig) -> QuantizedWeight:
     """Quantize W (rows, cols) given the Hessian H (cols, cols) of its inputs: Algorithm 1.
 
+    Everything runs on W's device (H is moved there); on the CPU, single-threaded.
+
     Returns:
-        A :class:`QuantizedWeight`; ``dequantize()`` gives the GPTQ weight in the original order.
+        A :class:`QuantizedWeight` on W's device; ``dequantize()`` gives the GPTQ weight in the
+        original order.
     """
-    with _one_thread(), torch.no_grad():
+    with _one_thread_on(W.device), torch.no_grad():
         return _gptq(W, H, config)
 
 
@@ -204,7 +249,7 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, config: GPTQConfig) -> QuantizedWeig
     W = W.detach().float().clone()  # (rows, cols)
     rows, cols = W.shape
     config.check_width(cols)
-    H = H.detach().to(torch.float64).clone()
+    H = H.detach().to(W.device, torch.float64).clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
@@ -232,7 +277,10 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, config: GPTQConfig) -> QuantizedWeig
             col = order[i1 + i]  # original column index
             g = col // config.group_size if config.group_size else 0
             if config.group_size and not config.act_order and col % config.group_size == 0:
-                upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, : config.group_size]  # updated values
+                if config.group_rule == "reference":  # W[:, i1:] still holds the values of the block's start
+                    upcoming = W[:, col : col + config.group_size]
+                else:  # "updated": this block's columns as updated so far
+                    upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, : config.group_size]
                 scale[:, g], zero[:, g] = _qparams(upcoming, config)
             w, d = W1[:, i], Hinv1[i, i]
             q, w_hat = _quant(w, scale[:, g], zero[:, g].float(), config.bits)
@@ -248,24 +296,50 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, config: GPTQConfig) -> QuantizedWeig
 
 
 # ----------------------------------------------------------------------------- the model driver
-_LAYER_PATHS = ("model.layers", "model.decoder.layers", "gpt_neox.layers")
+class Layout(NamedTuple):
+    """Where a Hugging Face model keeps its transformer blocks, and how the driver calls it."""
+
+    path: str  # attribute path of the nn.ModuleList of blocks
+    models: str  # which models use it (for messages)
+    call: tuple[tuple[str, Any], ...] = ()  # extra keyword arguments of the model call
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of transformer blocks of a Hugging Face causal LM.
+# The first layout whose path leads to a non-empty nn.ModuleList wins. Decoders are called with
+# use_cache=False (no key/value cache to build); encoders take no extra argument.
+LAYOUTS = (
+    Layout("model.layers", "Llama, Mistral, Qwen, Mixtral", (("use_cache", False),)),
+    Layout("model.decoder.layers", "OPT", (("use_cache", False),)),
+    Layout("gpt_neox.layers", "GPT-NeoX, Pythia", (("use_cache", False),)),
+    Layout("encoder.layer", "BERT-style encoders: BertModel, e.g. all-MiniLM-L6-v2"),
+    Layout("bert.encoder.layer", "BERT with a task head, e.g. BertForSequenceClassification"),
+)
 
-    Accepted: Llama/Mistral/Qwen/Mixtral (``model.layers``), OPT (``model.decoder.layers``),
-    GPT-NeoX/Pythia (``gpt_neox.layers``). (GPT-2 keeps its weights in transposed ``Conv1D``
-    modules, not ``nn.Linear``; it is not supported here.)
+
+def model_layout(model: nn.Module) -> tuple[Layout, nn.ModuleList]:
+    """The :data:`LAYOUTS` entry of ``model`` and its blocks.
+
+    Raises ``ValueError`` naming the supported layouts when none fits. (GPT-2 keeps its weights in
+    transposed ``Conv1D`` modules, not ``nn.Linear``; it is not supported.)
     """
-    for path in _LAYER_PATHS:
+    for layout in LAYOUTS:
         obj = model
-        for attr in path.split("."):
+        for attr in layout.path.split("."):
             obj = getattr(obj, attr, None)
         if isinstance(obj, nn.ModuleList) and len(obj) > 0:
-            return obj
-    raise ValueError(f"no decoder layers found at any of {_LAYER_PATHS}; pass a Hugging Face causal LM "
-                     "such as Llama, Mistral, Qwen, OPT or Pythia")
+            return layout, obj
+    supported = "; ".join(f"{layout.path} ({layout.models})" for layout in LAYOUTS)
+    raise ValueError(f"no transformer blocks found in {type(model).__name__}: the supported layouts are {supported}")
+
+
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks of a Hugging Face causal LM or BERT-style encoder (see
+    :data:`LAYOUTS`): Llama/Mistral/Qwen/Mixtral ``model.layers``, OPT ``model.decoder.layers``,
+    GPT-NeoX/Pythia ``gpt_neox.layers``, BertModel (all-MiniLM-L6-v2) ``encoder.layer``, BERT with
+    a task head ``bert.encoder.layer``. Raises ``ValueError`` naming these when none fits."""
+    return model_layout(model)[1]
+
+
+decoder_layers = transformer_blocks  # the older name, kept for the lessons that use it
 
 
 def fitting_group_size(model: nn.Module, largest: int) -> int:
@@ -273,20 +347,78 @@ def fitting_group_size(model: nn.Module, largest: int) -> int:
 
     A model whose MLP is 448 wide cannot use groups of 128; this returns 64 for it.
     """
-    widths = {m.in_features for block in decoder_layers(model) for m in block.modules() if isinstance(m, nn.Linear)}
+    widths = {m.in_features for block in transformer_blocks(model) for m in block.modules() if isinstance(m, nn.Linear)}
     if not widths:
-        raise ValueError("the decoder blocks contain no nn.Linear layers to quantize")
+        raise ValueError("the transformer blocks contain no nn.Linear layers to quantize")
     size = 1 << (max(1, largest).bit_length() - 1)
     while any(w % size for w in widths):
         size //= 2
     return size
 
 
+Calibration = torch.Tensor | Mapping[str, torch.Tensor] | tuple  # what sequential_ and quantize_model_ accept
+_CALIBRATION_FORMS = ("token ids (n_samples, T); a dict or BatchEncoding with input_ids (n_samples, T) and optionally "
+                      "attention_mask and token_type_ids of the same shape; or a tuple (input_ids, attention_mask)")
+
+
+def _calibration_columns(calibration: Any, desc: str) -> dict[str, torch.Tensor]:
+    """The calibration data as model keyword arguments, each (n_samples, T), checked."""
+    if isinstance(calibration, torch.Tensor):
+        columns = {"input_ids": calibration}
+    elif isinstance(calibration, (tuple, list)) and 1 <= len(calibration) <= 2:
+        columns = dict(zip(("input_ids", "attention_mask"), calibration))
+    elif isinstance(calibration, Mapping) and "input_ids" in calibration:
+        columns = dict(calibration)
+    else:
+        raise ValueError(f"{desc} needs calibration data: {_CALIBRATION_FORMS}; got {type(calibration).__name__}")
+    ids = columns["input_ids"]
+    require(isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.numel() > 0 and not ids.is_floating_point(),
+            f"{desc} needs calibration data: {_CALIBRATION_FORMS}, n_samples >= 1; got input_ids "
+            f"{tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__}")
+    for name, value in columns.items():
+        require(isinstance(value, torch.Tensor) and value.shape == ids.shape,
+                f"calibration {name!r} must be a tensor of the shape of input_ids {tuple(ids.shape)}, got "
+                f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
+    mask = columns.get("attention_mask")
+    if mask is not None:
+        require(bool(((mask == 0) | (mask == 1)).all()) and bool(mask.any(dim=1).all()),
+                "calibration attention_mask must hold 1 (real token) or 0 (padding), with at least one real token per sample")
+    return columns
+
+
+def _calibration_batches(columns: dict[str, torch.Tensor], batch_size: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """Batches of ``batch_size`` samples on ``device``, as keyword arguments of the model call."""
+    n = len(columns["input_ids"])
+    return [{name: value[i : i + batch_size].to(device) for name, value in columns.items()} for i in range(0, n, batch_size)]
+
+
+def _real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The batch's real (not padding) tokens as a bool mask (b, T); None when there is no padding."""
+    mask = batch.get("attention_mask")
+    if mask is None or bool(mask.all()):
+        return None
+    return mask.bool()
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    """Where the model reads its token ids: the device of its input embeddings (or first parameter)."""
+    embeddings = None
+    with contextlib.suppress(AttributeError, NotImplementedError):
+        embeddings = model.get_input_embeddings()
+    weight = getattr(embeddings, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        weight = next(model.parameters(), None)
+    return weight.device if weight is not None else torch.device("cpu")
+
+
 class _Captured(Exception):
     """Raised by the hook that records the first block's inputs, to stop the forward pass."""
 
 
-def _first_block_inputs(model: nn.Module, block: nn.Module, calibration: torch.Tensor, batch_size: int) -> list:
+def _first_block_inputs(model: nn.Module, block: nn.Module, batches: list[dict[str, torch.Tensor]],
+                        call: dict[str, Any] | None = None) -> list[tuple[tuple, dict]]:
+    """The positional and keyword arguments of ``block``'s call, one (args, kwargs) per batch: the
+    hidden states and whatever else the model passes (attention mask, rotary embeddings, ...)."""
     captured = []
 
     def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -295,9 +427,9 @@ def _first_block_inputs(model: nn.Module, block: nn.Module, calibration: torch.T
 
     handle = block.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        for batch in calibration.split(batch_size):  # (b, T)
+        for batch in batches:
             try:
-                model(batch, use_cache=False)
+                model(**batch, **(call or {}))
             except _Captured:
                 pass
     finally:
@@ -312,11 +444,15 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
     return args, {**kwargs, "hidden_states": hidden}
 
 
-def _block_hessians(block: nn.Module, group: dict[str, nn.Linear], inputs: list) -> dict[str, torch.Tensor]:
+def _block_hessians(block: nn.Module, group: dict[str, nn.Linear], inputs: list,
+                    real_tokens: list[torch.Tensor | None] | None = None) -> dict[str, torch.Tensor]:
     """The Hessian of every Linear in ``block`` from its calibration inputs.
 
     Linears that read the same tensor (q/k/v, gate/up) share one accumulator: a first forward
-    pass finds which ones do.
+    pass finds which ones do. ``real_tokens``: per call in ``inputs``, None or a bool mask (b, T)
+    of the tokens that count (padding does not): a Linear's input (b, T, C) then adds only its
+    masked rows. A Linear whose input does not start with (b, T) (an MoE expert reading routed
+    tokens) cannot be matched to the mask: ``ValueError``.
     """
     first_input: dict[str, torch.Tensor] = {}
 
@@ -340,9 +476,23 @@ def _block_hessians(block: nn.Module, group: dict[str, nn.Linear], inputs: list)
     for name, tensor in first_input.items():
         owner.setdefault(id(tensor), name)
     acc = {name: HessianAccumulator(group[name].in_features, device=group[name].weight.device) for name in set(owner.values())}
-    hooks = [group[n].register_forward_hook(lambda mod, inp, out, n=n: acc[n].add(inp[0])) for n in acc]
+    keep: list[torch.Tensor | None] = [None]  # the real tokens of the call being run
+
+    def add(name: str):
+        def hook(module: nn.Module, inp: tuple, out: torch.Tensor) -> None:
+            x = inp[0]
+            if keep[0] is not None:
+                if x.shape[:2] != keep[0].shape:
+                    raise ValueError(f"{name!r} reads inputs of shape {tuple(x.shape)}, which cannot be matched to the padding "
+                                     f"mask {tuple(keep[0].shape)}: calibrate this model on unpadded sequences (no attention_mask)")
+                x = x[keep[0]]  # (real tokens, C)
+            acc[name].add(x)
+        return hook
+
+    hooks = [group[n].register_forward_hook(add(n)) for n in acc]
     try:
-        for args, kwargs in inputs:
+        for j, (args, kwargs) in enumerate(inputs):
+            keep[0] = real_tokens[j] if real_tokens is not None else None
             block(*args, **kwargs)
     finally:
         for h in hooks:
@@ -351,16 +501,17 @@ def _block_hessians(block: nn.Module, group: dict[str, nn.Linear], inputs: list)
 
 
 def block_linears(model: nn.Module) -> list[dict[str, nn.Linear]]:
-    """Per decoder block (see :func:`decoder_layers`), its ``nn.Linear`` layers: full module name ->
-    module, in module order. Embeddings and the LM head are outside the blocks, so never listed.
+    """Per transformer block (see :func:`transformer_blocks`), its ``nn.Linear`` layers: full module
+    name -> module, in module order. Embeddings, the LM head and BERT's pooler are outside the
+    blocks, so never listed.
 
-    Raises ``ValueError`` if the model has no decoder blocks or they hold no ``nn.Linear``.
+    Raises ``ValueError`` if the model has no supported blocks or they hold no ``nn.Linear``.
     """
-    blocks = decoder_layers(model)
+    blocks = transformer_blocks(model)
     names = {id(m): n for n, m in model.named_modules()}
     linears = [{names[id(m)]: m for m in block.modules() if isinstance(m, nn.Linear)} for block in blocks]
     if not any(linears):
-        raise ValueError("the decoder blocks contain no nn.Linear layers to quantize or prune")
+        raise ValueError("the transformer blocks contain no nn.Linear layers to quantize or prune")
     return linears
 
 
@@ -517,7 +668,7 @@ class _BlockStore:
 @torch.no_grad()
 def sequential_(
     model: nn.Module,
-    calibration: torch.Tensor | None,
+    calibration: Calibration | None,
     process: Process,
     batch_size: int = 8,
     needs_hessian: bool = True,
@@ -525,7 +676,7 @@ def sequential_(
     desc: str = "blocks",
     offload: Offload | None = None,
 ) -> dict[str, Any]:
-    """Walk the decoder blocks in order and hand every block Linear, with its Hessian, to ``process``.
+    """Walk the transformer blocks in order and hand every block Linear, with its Hessian, to ``process``.
 
     The sequential scheme of GPTQ (arXiv:2210.17323, section 4) and SparseGPT (arXiv:2301.00774,
     section 3): block i's Hessians H = 2 X^T X / N come from the outputs of blocks 0..i-1 *as
@@ -534,16 +685,29 @@ def sequential_(
     tensor (q/k/v, gate/up) share one H (the same tensor object). After ``process`` has run on the
     whole block, the calibration inputs go through the block again to feed the next one.
 
+    Each block is called with the arguments the model itself gave block 0 for that batch (captured
+    once): the hidden states, replaced by the previous block's outputs, and the rest as they were
+    (attention mask, rotary embeddings, ...). With an ``attention_mask`` that has padding, the
+    Hessians count the real tokens only (N = their number): padding rows never enter H.
+
+    Where the work runs: without ``offload``, on the device of the model's input embeddings (the
+    calibration data is moved there; the Hessians are made on each Linear's device). On the CPU,
+    torch is kept single-threaded during the walk (tiny operations; see :func:`_one_thread`).
+
     Args:
-        model: a Hugging Face causal LM (see :func:`decoder_layers`), in eval mode, on the CPU
-            (or anywhere, with ``offload``).
-        calibration: token ids (n_samples, T); may be None when ``needs_hessian`` is False.
+        model: a Hugging Face causal LM or BERT-style encoder (see :data:`LAYOUTS`), in eval mode,
+            on one device (or anywhere, with ``offload``).
+        calibration: token ids (n_samples, T); or a dict / ``BatchEncoding`` with ``input_ids`` and
+            optionally ``attention_mask`` (1 = real token, 0 = padding), ``token_type_ids``, all
+            (n_samples, T); or a tuple (input_ids, attention_mask). The dict's entries are passed
+            to the model by name. May be None when ``needs_hessian`` is False.
         process: called once per block Linear as ``process(name, linear, H)``, block by block, in
             module order; H is float32 (in_features, in_features), or None without ``needs_hessian``.
             It may change ``linear.weight`` in place (the next blocks then see the change).
         batch_size: calibration sequences per forward pass.
         needs_hessian: False skips every forward pass (round-to-nearest, magnitude pruning).
         progress: show a progress bar over blocks, labelled ``desc``.
+        desc: the progress bar's label, also used in error messages.
         offload: None (everything stays where it is), or an :class:`Offload`: only the block being
             processed and its activations on ``offload.device``, the other blocks on the CPU or
             on disk, so that a model larger than the device is processed block by block.
@@ -551,29 +715,32 @@ def sequential_(
     Returns:
         Full module name -> what ``process`` returned for it.
     Raises:
-        ValueError: no decoder blocks, no Linear in them, no calibration when it is needed, or an
-            offload device this machine lacks; raised before ``process`` is first called.
+        ValueError: no supported blocks (the message lists :data:`LAYOUTS`), no Linear in them, no
+            or malformed calibration when it is needed, or an offload device this machine lacks;
+            raised before ``process`` is first called.
     """
     from tqdm.auto import tqdm
 
+    layout, blocks = model_layout(model)
     linears = block_linears(model)
-    if needs_hessian and (calibration is None or calibration.dim() != 2 or calibration.numel() == 0):
-        raise ValueError(f"{desc} needs calibration data: token ids of shape (n_samples, T), n_samples >= 1")
+    require(is_int(batch_size) and batch_size >= 1, f"batch_size must be a positive int, e.g. 8, got {batch_size!r}")
+    columns = _calibration_columns(calibration, desc) if needs_hessian else {}
     if offload is not None:
         if not isinstance(offload, Offload):
             raise ValueError(f"offload must be None or a gptq.Offload(device, store, folder), got {offload!r}")
         offload.check()
-    blocks = decoder_layers(model)
+    device = torch.device(offload.device) if offload is not None else _input_device(model)
     results: dict[str, Any] = {}
     store = _BlockStore(model, blocks, offload) if offload is not None else contextlib.nullcontext()
-    with _one_thread(), store:  # small block-sized operations: threads cost more than they give
-        if offload is not None and needs_hessian:
-            calibration = calibration.to(offload.device)
-        inputs = _first_block_inputs(model, blocks[0], calibration, batch_size) if needs_hessian else []
+    with _one_thread_on(device), store:  # CPU: small block-sized operations, threads cost more than they give
+        batches = _calibration_batches(columns, batch_size, device) if needs_hessian else []
+        real_tokens = [_real_tokens(batch) for batch in batches]
+        inputs = _first_block_inputs(model, blocks[0], batches, dict(layout.call)) if needs_hessian else []
+        del batches
         for i, (block, group) in enumerate(tqdm(list(zip(blocks, linears)), desc=desc, disable=not progress)):
             if offload is not None:
                 store.fetch(i)
-            H = _block_hessians(block, group, inputs) if needs_hessian else dict.fromkeys(group)
+            H = _block_hessians(block, group, inputs, real_tokens) if needs_hessian else dict.fromkeys(group)
             for name, m in group.items():
                 results[name] = process(name, m, H[name])
             if needs_hessian:  # the next block sees this block's processed outputs
@@ -590,23 +757,35 @@ def sequential_(
 @torch.no_grad()
 def quantize_model_(
     model: nn.Module,
-    calibration: torch.Tensor,
+    calibration: Calibration | None,
     config: GPTQConfig,
     method: str = "gptq",
     batch_size: int = 8,
     progress: bool = False,
     offload: Offload | None = None,
 ) -> dict[str, QuantizedWeight]:
-    """Quantize every Linear inside the decoder blocks of a causal LM, block by block, in place.
+    """Quantize every Linear inside the transformer blocks of a causal LM or a BERT-style encoder,
+    block by block, in place.
 
     Sequential, as in the paper (see :func:`sequential_`): block i's Hessians come from the outputs
     of blocks 0..i-1 *already quantized*, so each block compensates the errors of the ones before
-    it. Embeddings and the LM head stay in full precision. Weights are replaced by their
-    dequantized values (use :mod:`lessons_lib.packing` to store the integer codes for real).
+    it. Embeddings, the LM head and BERT's pooler stay in full precision. Weights are replaced by
+    their dequantized values (use :mod:`lessons_lib.packing` to store the integer codes for real).
+    The work runs on the model's device (see :func:`sequential_`).
+
+    Example (all-MiniLM-L6-v2, calibrated on padded sentences; padding does not count)::
+
+        model, tokenizer = data.load_minilm()
+        batch = tokenizer(sentences, padding=True, truncation=True, max_length=64, return_tensors="pt")
+        gptq.quantize_model_(model, batch, gptq.GPTQConfig(bits=4, group_size=64))
+        # or: gptq.quantize_model_(model, (batch["input_ids"], batch["attention_mask"]), config)
+        # RTN needs no data: gptq.quantize_model_(model, None, config, method="rtn")
 
     Args:
-        model: a Hugging Face causal LM (see :func:`decoder_layers`), in eval mode.
-        calibration: token ids (n_samples, T).
+        model: a Hugging Face causal LM or BERT-style encoder (see :data:`LAYOUTS`), in eval mode.
+        calibration: token ids (n_samples, T), a dict / ``BatchEncoding`` (``input_ids`` and
+            optionally ``attention_mask``, ``token_type_ids``), or a tuple (input_ids,
+            attention_mask); see :func:`sequential_`. None (or anything) for "rtn": not read.
         config: bits, groups, act-order, ...
         method: "gptq" or "rtn" (round-to-nearest, same quantizer, no calibration needed).
         batch_size: calibration sequences per forward pass.
@@ -614,10 +793,16 @@ def quantize_model_(
         offload: quantize a model larger than the GPU block by block (see :class:`Offload` and
             :func:`sequential_`); None keeps everything where it is.
     Returns:
-        Module name -> :class:`QuantizedWeight`, for every quantized Linear (on the CPU with ``offload``).
+        Module name -> :class:`QuantizedWeight`, for every quantized Linear, on its weight's
+        device (on the CPU with ``offload``).
+    Raises:
+        ValueError: an unknown method, a group size that does not divide a Linear's width, or
+            what :func:`sequential_` raises; before any weight changes.
     """
     if method not in ("gptq", "rtn"):
         raise ValueError(f"method must be 'gptq' or 'rtn', got {method!r}")
+    if not isinstance(config, GPTQConfig):
+        raise ValueError(f"config must be a gptq.GPTQConfig, got {type(config).__name__}")
     for group in block_linears(model):  # every check before the first weight changes
         for m in group.values():
             config.check_width(m.in_features)
