@@ -103,6 +103,53 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
 
 
+class PackedEmbedding(nn.Module):
+    """An embedding table stored like :class:`PackedLinear` (row i = token i's vector, packed codes
+    with per-row scales and zero points), dequantizing only the rows a batch looks up.
+
+    Built by :func:`pack_tied_embeddings_` on the *same* buffers as the output head: a model whose
+    input embeddings and output head are tied keeps one quantized table, stored once.
+    """
+
+    def __init__(self, head: PackedLinear) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self.bits, self.group_size = head.bits, head.group_size
+        self.qweight, self.scale, self.qzeros = head.qweight, head.scale, head.qzeros  # shared, not copied
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        codes = unpack_bits(self.qweight[flat], self.bits, self.embedding_dim)  # (n, dim)
+        zeros = unpack_bits(self.qzeros, self.bits, self.num_embeddings).T[flat]  # (n, n_groups)
+        rows = gptq.dequantize_codes(codes, self.scale[flat], zeros, self.group_size)
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group_size={self.group_size}, tied to the output head"
+
+
+def pack_tied_embeddings_(model: nn.Module, bits: int = 8, group_size: int | None = None) -> gptq.QuantizedWeight:
+    """Round a Hugging Face model's tied embedding table to ``bits`` (per row, min-max: the table
+    is read by index as well as multiplied, so GPTQ's Hessian does not apply to it) and store it
+    once, packed, for both the input embeddings and the output head. In a small LM this table is
+    a large share of the bytes (the course's 12-layer LM: 16% in FP32, more after its decoder
+    layers are quantized). Returns the quantized table.
+
+    Raises:
+        ValueError: the model's input embeddings and output head are not the same tensor.
+    """
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if not (isinstance(embed, nn.Embedding) and isinstance(head, nn.Linear) and head.weight is embed.weight):
+        raise ValueError("pack_tied_embeddings_ needs a model whose input embeddings (nn.Embedding) and output head "
+                         "(nn.Linear) share one weight (config.tie_word_embeddings=True); quantize an untied head "
+                         "with pack_model_ instead")
+    qw = gptq.rtn(head.weight.detach().float(), gptq.GPTQConfig(bits=bits, group_size=group_size))
+    packed_head = PackedLinear.from_quantized(head, qw)
+    model.set_output_embeddings(packed_head)
+    model.set_input_embeddings(PackedEmbedding(packed_head))
+    return qw
+
+
 def pack_model_(model: nn.Module, quantized: dict[str, gptq.QuantizedWeight]) -> nn.Module:
     """Replace each named Linear by a :class:`PackedLinear` holding its quantized weight."""
     for name, qw in quantized.items():
@@ -122,7 +169,10 @@ def save_packed(model: nn.Module, folder: str | Path) -> Path:
     model.config.save_pretrained(folder)
     packed = {n: {"in": m.in_features, "out": m.out_features, "bits": m.bits, "group_size": m.group_size,
                   "bias": m.bias is not None} for n, m in model.named_modules() if isinstance(m, PackedLinear)}
-    (folder / QUANT_FILE).write_text(json.dumps({"format": "lessons_lib.packing", "modules": packed}, indent=1))
+    spec = {"format": "lessons_lib.packing", "modules": packed}
+    if isinstance(model.get_input_embeddings(), PackedEmbedding):
+        spec["tied_embeddings"] = True  # the input embeddings share the packed output head's buffers
+    (folder / QUANT_FILE).write_text(json.dumps(spec, indent=1))
     save_model(model, str(folder / WEIGHTS_FILE))  # tied weights are stored once
     return folder
 
@@ -134,9 +184,11 @@ def load_packed(folder: str | Path) -> nn.Module:
 
     folder = Path(folder)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
-    spec = json.loads((folder / QUANT_FILE).read_text())["modules"]
-    for name, s in spec.items():
+    saved = json.loads((folder / QUANT_FILE).read_text())
+    for name, s in saved["modules"].items():
         model.set_submodule(name, PackedLinear(s["in"], s["out"], s["bits"], s["group_size"], s["bias"]))
+    if saved.get("tied_embeddings"):
+        model.set_input_embeddings(PackedEmbedding(model.get_output_embeddings()))
     load_model(model, str(folder / WEIGHTS_FILE))
     return model.eval()
 

@@ -159,6 +159,25 @@ def autocast(device: torch.device | str, name: str) -> contextlib.AbstractContex
     return torch.autocast(torch.device(device).type, dtype=dtype_of(name))
 
 
+@contextlib.contextmanager
+def tf32(enabled: bool = True) -> Iterator[None]:
+    """CUDA matmuls and convolutions on float32 tensors computed in TF32 (``enabled``: FP32's
+    exponent, a 10-bit mantissa, on the tensor cores of Ampere and later GPUs) or in full FP32
+    (``enabled=False``); the previous settings are restored on exit. On a GPU "FP32" is often
+    really TF32 (cuDNN convolutions default to it), so a speed-up quoted "vs FP32" should say which.
+    Nothing changes on a CPU.
+    """
+    if not isinstance(enabled, bool):
+        raise ValueError(f"enabled must be True or False, got {enabled!r}")
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = matmul.fp32_precision, conv.fp32_precision
+    matmul.fp32_precision = conv.fp32_precision = "tf32" if enabled else "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = before
+
+
 @dataclass(frozen=True)
 class ModuleRange:
     """The largest |value| one module produced, against the format's range."""

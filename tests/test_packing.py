@@ -101,3 +101,39 @@ def test_pack_save_load_gives_identical_weights_and_the_exact_byte_count(tmp_pat
     assert path.stat().st_size == 8 + header_len + expected
     stored = json.loads(path.read_bytes()[8 : 8 + header_len])
     assert ("lm_head.weight" in stored) != ("model.embed_tokens.weight" in stored)  # tied: stored once
+
+
+@pytest.mark.parametrize("bits,group_size", [(8, None), (4, 8)])
+def test_tied_embeddings_are_quantized_once_for_lookup_and_head_and_reload_identically(tmp_path, bits, group_size):
+    model = _tiny_llama()
+    W = model.get_input_embeddings().weight.detach().clone()  # (64, 32)
+    ids = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(1))
+    qw = packing.pack_tied_embeddings_(model, bits=bits, group_size=group_size)
+    W_hat = gptq.dequantize_codes(qw.qweight, qw.scale.half(), qw.zero_point, group_size)  # (64, 32): FP16 scales, as stored
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert torch.equal(embed(ids), W_hat[ids]), "a lookup returns the dequantized rows"
+    x = torch.randn(5, 32)
+    assert torch.equal(head(x), F.linear(x, W_hat)), "the head multiplies by the same table"
+    assert embed.qweight is head.qweight and embed.scale is head.scale, "one table, not two"
+    assert float((W_hat - W).abs().max()) <= float(qw.scale.max()) / 2 * 1.01, "round to nearest: at most half a step per weight"
+    with torch.inference_mode():
+        logits = model(ids).logits
+    path = packing.save_packed(model, tmp_path / "tied") / packing.WEIGHTS_FILE
+    header_len = struct.unpack("<Q", path.read_bytes()[:8])[0]
+    stored = json.loads(path.read_bytes()[8 : 8 + header_len])
+    assert sum(k.endswith(".qweight") and ("embed" in k or "lm_head" in k) for k in stored) == 1, "stored once"
+    assert not any(k.endswith("embed_tokens.weight") or k == "lm_head.weight" for k in stored), "no float table left"
+    assert stored[next(k for k in stored if k.endswith("qweight"))]["dtype"] == "U8"
+    reloaded = packing.load_packed(tmp_path / "tied")
+    with torch.inference_mode():
+        assert torch.equal(reloaded(ids).logits, logits)
+    assert isinstance(reloaded.get_input_embeddings(), packing.PackedEmbedding)
+
+
+def test_tied_embeddings_refuse_an_untied_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False)
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        packing.pack_tied_embeddings_(LlamaForCausalLM(cfg))

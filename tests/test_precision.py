@@ -173,3 +173,19 @@ def test_describe_value_against_numpy_and_saturation():
     assert precision.describe_value(300.0, "int8")["stored"] == 127.0  # saturates
     d4 = precision.describe_value(-3.6, "int4")
     assert (d4["stored"], d4["bits"]) == (-4.0, "1100")  # two's complement of -4
+
+
+def test_tf32_sets_both_precisions_and_restores_them_even_after_an_error():
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = matmul.fp32_precision, conv.fp32_precision
+    with precision.tf32():
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+        with precision.tf32(False):
+            assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+    assert (matmul.fp32_precision, conv.fp32_precision) == before
+    with pytest.raises(RuntimeError), precision.tf32():
+        raise RuntimeError("boom")
+    assert (matmul.fp32_precision, conv.fp32_precision) == before
+    with pytest.raises(ValueError, match="enabled must be True or False"), precision.tf32("yes"):
+        pass
