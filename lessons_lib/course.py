@@ -150,6 +150,40 @@ from lessons_lib import params
 params.check("{stem}", globals())"""
 
 
+def test_sizes_metadata(stem: str) -> dict[str, Any]:
+    """What the parameters cell's metadata must say for ``make test``: nbmake sets each name in
+    ``nbmake.mock`` right after that cell runs (before the check cell), so the test suite runs the
+    lesson at ``params.TEST_SIZES[stem]``; {} where the lesson runs its quick defaults."""
+    from lessons_lib import params
+
+    sizes = params.TEST_SIZES.get(stem, {})
+    return {"mock": dict(sizes)} if sizes else {}
+
+
+def sync_test_sizes(path: str | Path) -> bool:
+    """Write :func:`test_sizes_metadata` into the notebook at ``path``; True if it changed.
+
+    Raises:
+        ParameterError: the reduced sizes would fail the lesson's own parameter check.
+    """
+    from lessons_lib import params
+
+    path = Path(path)
+    nb = read_notebook(path)
+    stem = path.stem
+    wanted = test_sizes_metadata(stem)
+    params.check(stem, read_parameters(nb) | wanted.get("mock", {}))
+    metadata = parameters_cell(nb).setdefault("metadata", {})
+    if metadata.get("nbmake", {}) == wanted:
+        return False
+    if wanted:
+        metadata["nbmake"] = wanted
+    else:
+        metadata.pop("nbmake", None)
+    path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return True
+
+
 @dataclass(frozen=True)
 class MapEntry:
     """One planned lesson: what it teaches and what it needs first."""
@@ -173,4 +207,5 @@ COURSE_MAP = (
     MapEntry("07", "Weight-importance criteria", "magnitude, gradient, Fisher, SNIP, activation, Hessian (Hutchinson), combined", ("06",)),
     MapEntry("08", "Pruning Mixture-of-Experts", "expert usage statistics, usage-aware expert pruning, removing experts, router pruning", ("06", "07")),
     MapEntry("09", "Best practices and troubleshooting", "choosing and combining techniques, accuracy collapse, slow speed, deployment", ("01", "02", "03", "06")),
+    MapEntry("10", "Scaling up", "the same training loop on several processes or GPUs (Accelerate, DDP/FSDP), measured throughput, QAT drift, GPTQ block by block with offload", ("03", "04", "05")),
 )

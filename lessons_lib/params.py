@@ -197,7 +197,26 @@ LESSONS: dict[str, dict[str, Any]] = {
         "timing_repeats": Int(1)},
     "09_best_practices": COMMON | {
         "threads": Int(0), "lm_val_blocks": Int(8), "gptq_calibration": Int(8), "student_steps": Int(1), "minilm_sentences": Int(32),
-        "timing_repeats": Int(1), "eval_draws": Int(1), "ppl_tolerance": Number(0)},
+        "pipeline_neurons": Int(0, 447), "recovery_steps": Int(0), "timing_repeats": Int(1), "eval_draws": Int(1), "ppl_tolerance": Number(0)},
+    "10_scaling_up": COMMON | {
+        "threads": Int(1), "distill_steps": Int(3), "batch_size": Int(2), "block": Int(2, 128), "student_layers": Int(1, 12),
+        "timing_repeats": Int(1), "qat_steps": Int(2), "qat_block": Int(2, 128)},
+}
+
+# Smaller sizes that `make test` runs a lesson with (nbmake applies them right after the parameters
+# cell, from the cell's ``nbmake.mock`` metadata, which tests/test_notebook_conventions.py keeps equal
+# to this table; ``course.sync_test_sizes`` writes it). They cut what only makes numbers steadier
+# (timing repeats, evaluation text, seeds) so the whole suite stays under 15 minutes on a 2-core CPU;
+# every assertion of the lesson must still hold at them, which `make test` itself checks. The runner,
+# papermill and Jupyter ignore them: `make course` runs the quick defaults.
+TEST_SIZES: dict[str, dict[str, Any]] = {
+    "02_int8_quantization": {"n_sentences": 64, "timing_repeats": 2, "calibration_batches": [1, 4, 32]},
+    "03_gptq": {"calibration_samples": 64, "calibration_seeds": 2, "eval_blocks": 32},
+    "04_quantization_aware_training": {"comparison_seeds": 1, "lm_val_blocks": 32},
+    "05_knowledge_distillation": {"vision_seeds": 3, "lm_steps": 60, "lm_val_blocks": 24},
+    "06_pruning": {"timing_repeats": 8, "lm_val_blocks": 24},
+    "07_importance_criteria": {"score_seeds": 2, "lm_val_blocks": 16},
+    "09_best_practices": {"timing_repeats": 2, "eval_draws": 3},
 }
 
 RULES: dict[str, tuple[Rule, ...]] = {
@@ -220,6 +239,8 @@ RULES: dict[str, tuple[Rule, ...]] = {
              "betas must increase from 0 to 1 (the two ends are checked: 0 = no skipping, 1 = top-1 routing)")),
     "09_best_practices": (
         Rule(("gptq_calibration",), lambda v: v["gptq_calibration"] % 8 == 0, "gptq_calibration must be a multiple of 8 (batches of 8)"),),
+    "10_scaling_up": (
+        Rule(("batch_size",), lambda v: v["batch_size"] % 2 == 0, "batch_size must be even (the global batch is split over 2 processes)"),),
 }
 
 

@@ -30,7 +30,12 @@ Every argument, and what the machine can run, is checked before any process star
 raise ``ValueError`` naming the option and what it accepts). The API: :class:`ScaleConfig` (what
 to train), :class:`LaunchConfig` (how to launch), :func:`plan`, :func:`launch`, :func:`train` (the
 body of each process; without an accelerator it is the lessons' own single-process code path) and
-:func:`load_weights`.
+:func:`load_weights`. Each launch's ``summary.json`` also holds the main process's step times
+(``step_seconds``) and, with several processes, the time of one all-reduce of the trained
+parameters' gradient (``allreduce_seconds``). For lesson 10: :func:`samples_per_second`,
+:func:`max_relative_difference`, :func:`training_step` (one step timed in this process),
+:func:`scaling_estimate` (its explorer), and :func:`qat_sliced` with :func:`quantized_codes`
+(why data-parallel QAT drifts further from the one-process run than float training does).
 """
 from __future__ import annotations
 
@@ -38,12 +43,13 @@ import argparse
 import datetime as dt
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from lessons_lib.checks import is_int, is_number, require
 
@@ -241,7 +247,8 @@ def _lm_loss(output: Any, targets: Any) -> Any:
     return F.cross_entropy(output.logits.flatten(0, 1), targets.flatten())
 
 
-def train(config: ScaleConfig, accelerator: "Accelerator | None" = None) -> tuple["nn.Module", dict[str, list[float]]]:
+def train(config: ScaleConfig, accelerator: "Accelerator | None" = None,
+          on_step: Callable[[int, float], Any] | None = None) -> tuple["nn.Module", dict[str, list[float]]]:
     """Build the task's model and train it; the body of every launched process.
 
     Without ``accelerator`` this is the lessons' own single-process path (``distill.train``,
@@ -249,12 +256,20 @@ def train(config: ScaleConfig, accelerator: "Accelerator | None" = None) -> tupl
     ``training.run(..., accelerator=accelerator)`` with the objective as a module
     (``distill.Distiller``, ``training.Supervised``), so that gradients are averaged over processes.
 
+    Args:
+        on_step: with an accelerator only: ``training.run``'s hook, called as ``on_step(step, loss)``
+            after each optimiser step (the launched processes time their steps with it; a return
+            value of True stops training).
+
     Returns:
         The trained model (the distilled student, or the fake-quantized LM) and the history.
     """
     import torch
 
     from lessons_lib import data, distill, qat, session, training, zoo
+
+    require(on_step is None or (accelerator is not None and callable(on_step)),
+            "on_step needs an accelerator (the single-process path is the lessons' own distill.train / qat.fine_tune)")
 
     session.seed_everything(config.seed)
     teacher = zoo.load_teacher("lm")
@@ -273,7 +288,7 @@ def train(config: ScaleConfig, accelerator: "Accelerator | None" = None) -> tupl
         history = training.run(objective, batches, cfg.steps,
                                lambda step: training.warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr),
                                list(objective.parameters()), optimizer="adamw", weight_decay=cfg.weight_decay,
-                               grad_clip=cfg.grad_clip, desc="distill", accelerator=accelerator)
+                               grad_clip=cfg.grad_clip, on_step=on_step, desc="distill", accelerator=accelerator)
         return student, history
     model = teacher
     qat.prepare_(model, qat.weight_config(config.bits), None, layers=[n for n in qat.quantizable_layers(model) if ".layers." in n])
@@ -283,7 +298,7 @@ def train(config: ScaleConfig, accelerator: "Accelerator | None" = None) -> tupl
     model.train()  # as qat.fine_tune
     history = training.run(training.Supervised(model, _lm_loss), batches, steps, lambda step: lr * schedule(step),
                            [p for p in model.parameters() if p.requires_grad], optimizer="adamw", desc="QAT",
-                           accelerator=accelerator)
+                           on_step=on_step, accelerator=accelerator)
     model.eval()
     return model, history
 
@@ -298,8 +313,34 @@ def load_weights(out: str | Path) -> dict:
     return load_file(str(path))
 
 
+def allreduce_seconds(numel: int, device: Any = "cpu", repeats: int = 5) -> float | None:
+    """The median wall time of one all-reduce (sum) of ``numel`` float32 values over the processes
+    of the current ``torch.distributed`` group: what data-parallel training sends every step for a
+    model of ``numel`` trained parameters (DDP sends it in buckets, partly while ``backward`` still
+    runs). Every process of the group must call it (it is a collective). None without a group of
+    two or more processes. ``repeats`` timed calls follow one untimed warm-up call."""
+    import torch
+    import torch.distributed as dist
+
+    require(is_int(numel) and numel >= 1, f"numel must be an int >= 1 (trained parameters), got {numel!r}")
+    require(is_int(repeats) and repeats >= 1, f"repeats must be an int >= 1, got {repeats!r}")
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    x = torch.ones(numel, dtype=torch.float32, device=device)
+    times = []
+    for _ in range(repeats + 1):
+        dist.barrier()  # start together: time the all-reduce, not a late partner
+        start = time.perf_counter()
+        dist.all_reduce(x)
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
 def _worker(out: Path) -> int:
-    """One launched process: train, then the main process saves; tear the process group down."""
+    """One launched process: train (timing each step), time one all-reduce of the gradient, then
+    the main process saves; tear the process group down."""
     import torch
     from accelerate import Accelerator
     from safetensors.torch import save_file
@@ -309,9 +350,12 @@ def _worker(out: Path) -> int:
     torch.set_num_threads(config.threads)
     accelerator = Accelerator(cpu=recorded["device"] == "cpu")
     try:
+        stamps: list[float] = []
         start = time.perf_counter()
-        model, history = train(config, accelerator)
+        model, history = train(config, accelerator, on_step=lambda step, loss: stamps.append(time.perf_counter()))
         seconds = time.perf_counter() - start
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        reduce_seconds = allreduce_seconds(trained, accelerator.device)  # every process: a collective
         state = accelerator.get_state_dict(model)  # a collective under FSDP: every process calls it
         if accelerator.is_main_process:
             # clones: a tied embedding and head share one tensor, which safetensors refuses to save twice
@@ -320,7 +364,10 @@ def _worker(out: Path) -> int:
                        "distributed_type": getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type)), "launcher": recorded["launcher"],
                        "train_seconds": seconds, "steps": len(history.get("lr", [])),
                        "final_loss": history["loss"][-1] if history.get("loss") else None, "history": history,
-                       "config": asdict(config), "torch_threads": torch.get_num_threads()}
+                       "config": asdict(config), "torch_threads": torch.get_num_threads(),
+                       # between consecutive steps' ends: steps - 1 values, the first step (warm-up) left out
+                       "step_seconds": [b - a for a, b in zip(stamps, stamps[1:])],
+                       "trained_parameters": trained, "allreduce_seconds": reduce_seconds}
             (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1), encoding="utf-8")
         accelerator.wait_for_everyone()  # nobody leaves while the main process still writes
     finally:
@@ -328,6 +375,210 @@ def _worker(out: Path) -> int:
         # can abort the process (SIGABRT) while its threads are torn down.
         accelerator.end_training()
     return 0
+
+
+# ----------------------------------------------------------------------------- what a launch measured (lesson 10)
+def max_relative_difference(a: dict, b: dict) -> float:
+    """max over the tensors of two state dicts with the same names of ``||a - b|| / ||b||``
+    (float tensors compared; the measure of ``tests/test_scale.py``)."""
+    require(set(a) == set(b), f"the state dicts name different tensors: {sorted(set(a) ^ set(b))[:5]}")
+    worst = 0.0
+    for k, y in b.items():
+        if y.is_floating_point():
+            x, y = a[k].detach().double().cpu(), y.detach().double().cpu()
+            worst = max(worst, float((x - y).norm() / y.norm().clamp_min(1e-30)))
+    return worst
+
+
+def samples_per_second(summary: dict) -> float:
+    """The training loop's throughput in a launch's summary: global batch / median step time
+    (the steps after the first; startup, model loading and the first step are left out)."""
+    steps = summary.get("step_seconds") or []
+    require(len(steps) >= 1, "the summary has no step_seconds (a launch of 2 or more steps records them)")
+    return summary["config"]["batch_size"] / statistics.median(steps)
+
+
+def training_step(config: ScaleConfig, device: str = "cpu") -> Callable[[int], float]:
+    """One optimiser step of the task's recipe in this process, as a function of how many rows of a
+    fixed global batch it trains on: ``step(rows)`` runs the forward and backward passes on the
+    first ``rows`` windows (``rows`` divides ``config.batch_size``), clips (distill) and steps
+    AdamW, and returns the loss. What each of N launched processes computes per step is
+    ``step(batch_size // N)``, without the all-reduce: lesson 10 times it at 1 and 2 processes' shares.
+    The model trains as it is timed (the learning rate is the peak one throughout). ``device``: where
+    the models and the batch are ("cpu", "cuda", ...)."""
+    import torch
+
+    from lessons_lib import data, distill, qat, session, training, zoo
+
+    session.seed_everything(config.seed)
+    teacher = zoo.load_teacher("lm").to(device)
+    batch = tuple(t.to(device) for t in next(data.lm_windows(data.lm_tokens("train"), config.block, config.batch_size,
+                                                             torch.Generator().manual_seed(config.seed))))
+    grad_clip, weight_decay = None, 0.0
+    if config.task == "distill":
+        student = distill.lm_student(teacher, config.student_layers, init="copy").to(device)
+        cfg = distill.DistillConfig(temperature=config.temperature, alpha=0.0, steps=config.steps, lr=config.learning_rate)
+        objective: Any = distill.Distiller(student, teacher, cfg)
+        grad_clip, weight_decay = cfg.grad_clip, cfg.weight_decay
+    else:
+        qat.prepare_(teacher, qat.weight_config(config.bits), None, layers=[n for n in qat.quantizable_layers(teacher) if ".layers." in n])
+        objective = training.Supervised(teacher, _lm_loss)
+    objective.train()
+    params = [p for p in objective.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=weight_decay)
+
+    def step(rows: int) -> float:
+        require(is_int(rows) and rows >= 1 and config.batch_size % rows == 0,
+                f"rows must be an int that divides batch_size={config.batch_size}, got {rows!r}")
+        loss, _ = objective(training.shard_batch(batch, 0, config.batch_size // rows))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        opt.step()
+        return float(loss.detach())
+
+    return step
+
+
+def qat_sliced(config: ScaleConfig, slices: int, fake_quant: bool = True) -> tuple["nn.Module", dict[str, list[float]]]:
+    """Lesson 04's LM QAT (``config.task == "qat"``) in this process, with each batch's loss the mean
+    of the losses of its ``slices`` equal row slices (:func:`training.shard_batch`): the gradient is
+    then the average of the slices' gradients, the arithmetic of ``slices`` data-parallel processes
+    without launching any (only the all-reduce's own summation order is missing). ``slices=1`` is
+    the one-process arithmetic. ``fake_quant=False`` runs the same fine-tune with fake quantization
+    switched off (``set_quantization(False)``): the float model. The recipe is :func:`train`'s.
+
+    Returns:
+        The model (eval mode) and the history.
+    """
+    import torch
+
+    from lessons_lib import data, qat, session, training, zoo
+
+    require(config.task == "qat", f"qat_sliced trains lesson 04's QAT: config.task must be 'qat', got {config.task!r}")
+    require(is_int(slices) and slices >= 1 and config.batch_size % slices == 0,
+            f"slices must be an int >= 1 that divides batch_size={config.batch_size}, got {slices!r}")
+    require(isinstance(fake_quant, bool), f"fake_quant must be True or False, got {fake_quant!r}")
+    session.seed_everything(config.seed)
+    model = zoo.load_teacher("lm")
+    ids = data.lm_tokens("train")
+    batches = data.lm_windows(ids, config.block, config.batch_size, torch.Generator().manual_seed(config.seed))
+    qat.prepare_(model, qat.weight_config(config.bits), None, layers=[n for n in qat.quantizable_layers(model) if ".layers." in n])
+    if not fake_quant:
+        for m in model.modules():
+            if isinstance(m, qat.QAT_TYPES):
+                m.set_quantization(False)
+    steps, lr = config.steps, config.learning_rate
+    schedule = training.warmup_step_decay(steps, steps // 10, max(1, 2 * steps // 3))
+    objective = _sliced(training.Supervised(model, _lm_loss), slices)
+    model.train()
+    history = training.run(objective, batches, steps, lambda step: lr * schedule(step),
+                           [p for p in model.parameters() if p.requires_grad], optimizer="adamw", desc="QAT")
+    model.eval()
+    return model, history
+
+
+def _sliced(objective: "nn.Module", slices: int) -> "nn.Module":
+    """``objective``'s loss as the mean of its losses on ``slices`` equal row slices of each batch."""
+    from torch import nn
+
+    from lessons_lib import training
+
+    class Sliced(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.objective = objective
+
+        def forward(self, batch: Any) -> tuple[Any, dict[str, float]]:
+            parts = [self.objective(training.shard_batch(batch, i, slices)) for i in range(slices)]
+            loss = sum(p[0] for p in parts) / slices
+            return loss, {key: sum(p[1][key] for p in parts) / slices for key in parts[0][1]}
+
+    return Sliced()
+
+
+def quantized_codes(model: "nn.Module") -> dict:
+    """The integer codes of every fake-quantized weight of a QAT-prepared model (name -> int tensor):
+    the weights its integer version would store (whether or not fake quantization is on)."""
+    from lessons_lib import qat, quantize
+
+    codes = {}
+    for name, m in model.named_modules():
+        if isinstance(m, qat.QAT_TYPES):
+            w = m.weight.detach()
+            scale, zero = quantize.compute_qparams(w, m.weight_fq.config)
+            codes[name] = quantize.quantize(w, scale, zero, m.weight_fq.config)
+    require(bool(codes), "the model has no QAT layers: prepare it with qat.prepare_ first")
+    return codes
+
+
+def scaling_estimate(step_full: float, step_part: float, allreduce: float, batch_size: int, processes: int,
+                     global_batch: int, measured: float | None = None) -> dict[str, Any]:
+    """Lesson 10's explorer: the training loop's throughput on ``processes`` data-parallel processes,
+    each with a core (or GPU) of its own, predicted from three of this machine's measurements.
+
+    Measured: the one-process step time at ``batch_size`` (``step_full``) and at ``batch_size / 2``
+    (``step_part``), and one all-reduce of the gradient over 2 processes (``allreduce``). Model: a
+    step on ``b`` samples takes ``fixed + per_sample * b`` (the line through the two measured points,
+    ``fixed`` clipped to [0, ``step_full``]); with ``N`` processes each computes ``global_batch / N`` samples, then
+    the gradient is all-reduced. A ring all-reduce moves ``2 (N - 1) / N`` gradients per process, so
+    it takes ``allreduce * 2 (N - 1) / N`` (the measured time at N = 2), never overlapped with
+    ``backward`` (DDP overlaps part of it, so this is pessimistic there, and optimistic where the
+    processes share cores or other work competes for them).
+
+    Args:
+        measured: the speedup measured with 2 processes at ``batch_size``, shown next to the
+            prediction in that one setting ("-" elsewhere).
+    Returns:
+        One row: step seconds, samples/s, speedup over one process at the same global batch, the
+        share of the step spent in the all-reduce, the parallel efficiency (speedup / N), and the
+        measured speedup where there is one.
+    """
+    require(all(is_number(v) and v > 0 for v in (step_full, step_part)), "step_full and step_part must be numbers > 0 (seconds)")
+    require(is_number(allreduce) and allreduce >= 0, f"allreduce must be a number >= 0 (seconds), got {allreduce!r}")
+    require(is_int(batch_size) and batch_size >= 2 and batch_size % 2 == 0, f"batch_size must be an even int >= 2, got {batch_size!r}")
+    require(is_int(processes) and processes >= 1, f"processes must be an int >= 1, got {processes!r}")
+    require(is_number(global_batch) and global_batch >= processes,
+            f"global_batch must be a number >= processes ({processes}): each process needs a sample, got {global_batch!r}")
+    fixed = min(max(0.0, 2 * step_part - step_full), step_full)  # noisy timings: 0 <= fixed <= step_full
+    per_sample = (step_full - fixed) / batch_size
+
+    def comm(n: int) -> float:
+        return allreduce * 2 * (n - 1) / n
+
+    t, t1 = fixed + per_sample * global_batch / processes + comm(processes), fixed + per_sample * global_batch
+    here = measured if measured is not None and processes == 2 and global_batch == batch_size else None
+    return {"step s": t, "samples/s": global_batch / t, "speedup": t1 / t, "all-reduce share": comm(processes) / t,
+            "efficiency": t1 / t / processes, "measured speedup": "-" if here is None else float(here)}
+
+
+def scaling_figure(step_full: float, step_part: float, allreduce: float, batch_size: int, processes: int,
+                   global_batch: int, measured: float | None = None) -> Any:
+    """Lesson 10: :func:`scaling_estimate`'s speedup against the number of processes at
+    ``global_batch``, with the ideal (N), the chosen ``processes`` marked and, at
+    ``global_batch == batch_size``, the speedup measured with 2 processes (``measured``)."""
+    from matplotlib.figure import Figure  # not pyplot: nothing left open
+
+    counts = [n for n in sorted({1, 2, 4, 8, 16, 32, 64, processes}) if n <= global_batch]
+    speedups = [scaling_estimate(step_full, step_part, allreduce, batch_size, n, global_batch)["speedup"] for n in counts]
+    fig = Figure(figsize=(7, 3.5), layout="tight")
+    ax = fig.subplots()
+    ax.plot(counts, counts, "k:", label="ideal (N)")
+    ax.plot(counts, speedups, "o-", label=f"predicted, global batch {global_batch:g}")
+    ax.plot([processes], [speedups[counts.index(processes)]], "s", markersize=11, fillstyle="none", color="C1",
+            label=f"{processes} process{'es' if processes > 1 else ''}")
+    if measured is not None and global_batch == batch_size:
+        ax.plot([2], [measured], "x", markersize=10, color="C3", label="measured here, 2 processes")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.minorticks_off()
+    ax.set_xticks(counts, [str(n) for n in counts])
+    ax.set_yticks(counts, [str(n) for n in counts])
+    ax.set(xlabel="processes (each with its own core or GPU)", ylabel="speedup over 1 process",
+           title="Data-parallel speedup predicted from this machine's measurements")
+    ax.legend(fontsize=8)
+    return fig
 
 
 # ----------------------------------------------------------------------------- the launcher

@@ -61,6 +61,34 @@ def test_every_parameter_has_a_specification_and_its_default_passes_it(notebook)
     assert specs.problems(stem, declared) == [], "the defaults must pass their own specifications"
 
 
+def test_make_test_sizes_are_the_declared_ones_and_pass_the_check(notebook):
+    path, nb = notebook
+    cell = course.parameters_cell(nb)
+    assert cell.metadata.get("nbmake", {}) == course.test_sizes_metadata(path.stem), (
+        f"{path.name}: run course.sync_test_sizes on it (params.TEST_SIZES changed)")
+    sizes = specs.TEST_SIZES.get(path.stem, {})
+    declared = course.read_parameters(nb)
+    assert set(sizes) <= set(declared), f"TEST_SIZES names parameters {path.name} lacks"
+    assert all(sizes[n] != declared[n] for n in sizes), "a test size equal to the default is noise in the table"
+    assert specs.problems(path.stem, declared | sizes) == []
+
+
+def test_test_sizes_only_name_lessons_that_exist():
+    assert set(specs.TEST_SIZES) <= {p.stem for p in NOTEBOOKS}
+
+
+def test_sync_refuses_test_sizes_the_lesson_would_refuse(tmp_path, monkeypatch):
+    source = NOTEBOOKS[0]
+    copy = tmp_path / source.name
+    copy.write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+    monkeypatch.setitem(specs.TEST_SIZES, source.stem, {"seed": -1})
+    with pytest.raises(specs.ParameterError, match="seed = -1"):
+        course.sync_test_sizes(copy)
+    monkeypatch.setitem(specs.TEST_SIZES, source.stem, {"seed": 5})
+    assert course.sync_test_sizes(copy) is True and course.sync_test_sizes(copy) is False
+    assert course.parameters_cell(course.read_notebook(copy))["metadata"]["nbmake"] == {"mock": {"seed": 5}}
+
+
 def test_parameters_are_checked_right_after_the_colab_cell(notebook):
     path, nb = notebook
     code = _code(nb)
