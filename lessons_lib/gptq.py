@@ -273,6 +273,7 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, config: GPTQConfig) -> QuantizedWeig
         i2 = min(i1 + config.block_size, cols)
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]  # (rows, B), (B, B)
         Err1 = torch.zeros_like(W1)
+        current = None  # the group whose parameters s_g, z_g hold (read once per group, not per column)
         for i in range(i2 - i1):
             col = order[i1 + i]  # original column index
             g = col // config.group_size if config.group_size else 0
@@ -282,13 +283,16 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, config: GPTQConfig) -> QuantizedWeig
                 else:  # "updated": this block's columns as updated so far
                     upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, : config.group_size]
                 scale[:, g], zero[:, g] = _qparams(upcoming, config)
+                current = None
+            if g != current:
+                s_g, z_g, current = scale[:, g], zero[:, g].float(), g
             w, d = W1[:, i], Hinv1[i, i]
-            q, w_hat = _quant(w, scale[:, g], zero[:, g].float(), config.bits)
+            q, w_hat = _quant(w, s_g, z_g, config.bits)
             Q[:, i1 + i] = q
-            losses[i1 + i] = ((w - w_hat) ** 2).sum() / (2 * d**2)
             err = (w - w_hat) / d  # (rows,)
             W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]  # OBS update inside the block
             Err1[:, i] = err
+        losses[i1:i2] = (Err1**2).sum(0) / 2  # (w - w_hat)^2 / (2 d^2) per column, the OBS loss
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy update of the remaining columns
     codes = torch.empty_like(Q)
     codes[:, perm] = Q  # back to the original column order
@@ -387,9 +391,24 @@ def _calibration_columns(calibration: Any, desc: str) -> dict[str, torch.Tensor]
 
 
 def _calibration_batches(columns: dict[str, torch.Tensor], batch_size: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
-    """Batches of ``batch_size`` samples on ``device``, as keyword arguments of the model call."""
+    """Batches of ``batch_size`` samples on ``device``, as keyword arguments of the model call.
+
+    With an attention mask, each batch is cut after the last position where any of its samples has
+    a real token: a tokenizer pads every sample to the longest of the whole calibration set, and
+    the columns after that are padding in every row of the batch, which costs forward passes and
+    adds nothing (padding never enters the Hessians). Sorting the samples by length before calling
+    the driver leaves the least padding.
+    """
     n = len(columns["input_ids"])
-    return [{name: value[i : i + batch_size].to(device) for name, value in columns.items()} for i in range(0, n, batch_size)]
+    batches = []
+    for i in range(0, n, batch_size):
+        batch = {name: value[i : i + batch_size] for name, value in columns.items()}
+        mask = batch.get("attention_mask")
+        if mask is not None:
+            end = int(mask.any(dim=0).nonzero().max()) + 1  # (validated: every sample has a real token)
+            batch = {name: value[:, :end] for name, value in batch.items()}
+        batches.append({name: value.to(device) for name, value in batch.items()})
+    return batches
 
 
 def _real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:

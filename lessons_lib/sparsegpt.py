@@ -167,7 +167,7 @@ def sparsegpt(W: torch.Tensor, H: torch.Tensor, sparsity: float, n_m: NM | None 
     require(W.dim() == 2 and H.shape == (W.shape[1], W.shape[1]),
             f"W must be (rows, cols) and H (cols, cols), got {tuple(W.shape)} and {tuple(H.shape)}")
     require(n_m is None or W.shape[1] % n_m[1] == 0, f"m={n_m and n_m[1]} must divide the input width {W.shape[1]}")
-    with gptq._one_thread(), torch.no_grad():
+    with gptq._one_thread_on(W.device), torch.no_grad():
         return _sparsegpt(W, H, sparsity, n_m, block_size, damp_ratio, scope)
 
 
@@ -175,13 +175,13 @@ def _sparsegpt(W: torch.Tensor, H: torch.Tensor, sparsity: float, n_m: tuple[int
                damp_ratio: float, scope: str) -> tuple[torch.Tensor, torch.Tensor]:
     W = W.detach().float().clone()  # (rows, cols)
     rows, cols = W.shape
-    H = H.detach().to(torch.float64).clone()
+    H = H.detach().to(W.device, torch.float64).clone()  # everything on W's device
     dead = torch.diag(H) == 0  # inputs never active: their weights do nothing, prune them first
     H[dead, dead] = 1
     W[:, dead] = 0
-    H += damp_ratio * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype)
+    H += damp_ratio * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype, device=H.device)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
-    M = torch.ones(rows, cols, dtype=torch.bool)
+    M = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]  # (rows, B), (B, B)

@@ -155,3 +155,17 @@ def test_minilm_has_six_blocks_of_six_linears_and_groups_of_64_fit():
     linears = gptq.block_linears(model)
     assert len(linears) == 6 and all(len(group) == 6 for group in linears)
     assert gptq.fitting_group_size(model, 128) == 128 and gptq.fitting_group_size(model, 64) == 64  # widths 384 and 1536
+
+
+def test_each_batch_is_cut_after_its_last_real_token_and_the_codes_do_not_change(monkeypatch):
+    sentences = _sentences(lengths=(3, 4, 16, 12, 5, 2))  # batches of 2: longest 4, 16, 5 of 16 columns
+    batch = _padded(sentences)
+    cut = gptq._calibration_batches(batch, 2, torch.device("cpu"))
+    assert [b["input_ids"].shape[1] for b in cut] == [4, 16, 5]
+    assert all(torch.equal(b["input_ids"], batch["input_ids"][2 * k : 2 * k + 2, : b["input_ids"].shape[1]]) for k, b in enumerate(cut))
+    config = gptq.GPTQConfig(bits=3, group_size=16)
+    a = gptq.quantize_model_(_tiny_bert(), batch, config, batch_size=2)
+    uncut = [{k: v[i : i + 2] for k, v in batch.items()} for i in range(0, 6, 2)]  # the same batches, padded to 16
+    monkeypatch.setattr(gptq, "_calibration_batches", lambda columns, batch_size, device: uncut)
+    b = gptq.quantize_model_(_tiny_bert(), batch, config, batch_size=2)
+    assert all(torch.equal(a[n].qweight, q.qweight) for n, q in b.items()), "trailing padding changes nothing"

@@ -227,3 +227,17 @@ def test_bad_sparsegpt_options(kwargs, match):
 def test_pruning_with_calibration_needs_calibration_data():
     with pytest.raises(ValueError, match="needs calibration data"):
         sparsegpt.sparsegpt_prune_(_tiny_llama(), torch.zeros(0, 8, dtype=torch.long), 0.5)
+
+
+@pytest.mark.parametrize("sparsity, n_m", [(0.5, None), (0.5, (2, 4))])
+def test_sparsegpt_makes_every_tensor_on_the_weights_device(sparsity, n_m):
+    """With "meta" as torch's default device, a tensor made without an explicit device (silently a
+    CPU tensor in normal use, the wrong device for a model on a GPU) would land on meta and break
+    the run; the results must equal the normal run's (as gptq's device test does)."""
+    W = _randn(16, 64)
+    H = _hessian(_correlated())
+    expected = sparsegpt.sparsegpt(W, H, sparsity, n_m)
+    with torch.device("meta"):
+        got = sparsegpt.sparsegpt(W, H, sparsity, n_m)
+    for a, b in zip(got, expected):
+        assert a.device.type == "cpu" and torch.equal(a, b)
