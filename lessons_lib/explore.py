@@ -440,15 +440,17 @@ def layer_hessian(model: torch.nn.Module, layer: torch.nn.Module, tokens: torch.
     return acc.H
 
 
-def gptq_vs_rtn(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None, act_order: bool = False) -> dict[str, float]:
+def gptq_vs_rtn(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None, act_order: bool = False,
+                group_rule: str = "reference") -> dict[str, float]:
     """Lesson 03: RTN and GPTQ (:mod:`lessons_lib.gptq`; Frantar et al., arXiv:2210.17323) on one
     layer W (rows, cols) with the Hessian H (cols, cols) of its inputs: weight against output error.
 
     The output error is the layer's objective, relative: tr(D H D^T) / tr(W H W^T) with D = W - Q,
     i.e. ||(W - Q) X||^2 / ||W X||^2 on the calibration inputs. GPTQ has the larger weight error
-    and the smaller output error: it moves weights to cancel each other's errors.
+    and the smaller output error: it moves weights to cancel each other's errors. ``group_rule``:
+    :class:`gptq.GPTQConfig`'s (where a group's scale comes from).
     """
-    cfg = gptq.GPTQConfig(bits=bits, group_size=group_size, act_order=act_order)
+    cfg = gptq.GPTQConfig(bits=bits, group_size=group_size, act_order=act_order, group_rule=group_rule)
     W64, H64 = W.detach().double(), H.double()
     energy = float(torch.einsum("ij,jk,ik->", W64, H64, W64))  # tr(W H W^T)
     row = {}

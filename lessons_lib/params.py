@@ -169,7 +169,8 @@ LESSONS: dict[str, dict[str, Any]] = {
         "probe_batches": Int(1), "calibration_batch_size": Int(1), "calibration_batches": ListOf(Int(1))},
     "03_gptq": COMMON | {
         "lm_source": Source(), "calibration_samples": Int(1), "calibration_seeds": Int(2), "group_size": Int(1),
-        "eval_blocks": Int(1), "eval_window": Int(2), "run_gptqmodel": Flag(), "timing_repeats": Int(1)},
+        "eval_blocks": Int(1), "eval_window": Int(2), "run_gptqmodel": Flag(), "rule_bits": ListOf(Choice((2, 3, 4, 8))),
+        "minilm_calibration": Int(8), "minilm_test": Int(8), "minilm_bits": ListOf(Choice((2, 3, 4, 8)), min_length=1), "timing_repeats": Int(1)},
     "04_quantization_aware_training": COMMON | {
         "qat_steps": Int(1), "batch_size": Int(1), "lr": POSITIVE, "warmup_steps": Int(0), "decay_every": Int(1),
         "calibration_images": Int(1), "low_bits": Int(2, 8), "comparison_seeds": Int(1), "no_warmup_lr": POSITIVE,
@@ -211,7 +212,7 @@ LESSONS: dict[str, dict[str, Any]] = {
 # papermill and Jupyter ignore them: `make course` runs the quick defaults.
 TEST_SIZES: dict[str, dict[str, Any]] = {
     "02_int8_quantization": {"n_sentences": 64, "timing_repeats": 2, "calibration_batches": [1, 4, 32]},
-    "03_gptq": {"calibration_samples": 64, "calibration_seeds": 2, "eval_blocks": 32},
+    "03_gptq": {"calibration_samples": 64, "calibration_seeds": 2, "eval_blocks": 32, "rule_bits": [3], "minilm_bits": [3]},
     "04_quantization_aware_training": {"comparison_seeds": 1, "lm_val_blocks": 32},
     "05_knowledge_distillation": {"vision_seeds": 3, "lm_steps": 60, "lm_val_blocks": 24},
     "06_pruning": {"timing_repeats": 8, "lm_val_blocks": 24},

@@ -310,6 +310,11 @@ def test_gptq_vs_rtn_output_error_is_the_relative_error_on_the_inputs():
     assert explore.gptq_vs_rtn(W, H, 3, 8)["RTN output error"] < row["RTN output error"], "groups help RTN"
     with pytest.raises(ValueError, match="group_size=5 must divide"):
         explore.gptq_vs_rtn(W, H, 3, 5)
+    for rule in gptq.GROUP_RULES:  # the rule reaches GPTQ (RTN has no updates, so no rule)
+        cfg = gptq.GPTQConfig(bits=3, group_size=8, group_rule=rule)  # groups 2-4 start inside the first block of 128
+        Q = gptq.gptq(W, H, cfg).dequantize()
+        by_hand = float(((X @ (W - Q).T) ** 2).sum() / ((X @ W.T) ** 2).sum())
+        assert explore.gptq_vs_rtn(W, H, 3, 8, group_rule=rule)["GPTQ output error"] == pytest.approx(by_hand, rel=1e-4)
 
 
 @pytest.mark.parametrize("bits, narrow", [(3, False), (2, True), (8, False)])
