@@ -80,7 +80,8 @@ def test_a_local_folder_is_accepted_and_the_zoo_never_looks_at_the_hub(tmp_path)
 LESSON_SETTINGS = {  # small values of each lesson's own parameters, so that the hub tests stay well under two minutes
     "01_precision_formats": {"quick_images": 50, "quick_lm_blocks": 2, "latency_repeats": 2, "matmul_size": 128},
     "03_gptq": {"calibration_samples": 16, "calibration_seeds": 2, "eval_blocks": 8, "eval_window": 128,
-                "run_gptqmodel": False, "timing_repeats": 1, "group_size": 32},
+                "run_gptqmodel": False, "timing_repeats": 1, "group_size": 32, "rule_bits": [3], "minilm_bits": [3],
+                "minilm_calibration": 16, "minilm_test": 32},
 }
 
 
