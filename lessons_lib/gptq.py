@@ -53,7 +53,7 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple
 import torch
 from torch import nn
 
-from lessons_lib import quantize
+from lessons_lib import prune, quantize
 from lessons_lib.checks import is_int, is_number, require
 
 BITS = (2, 3, 4, 8)
@@ -393,22 +393,16 @@ def _calibration_columns(calibration: Any, desc: str) -> dict[str, torch.Tensor]
 def _calibration_batches(columns: dict[str, torch.Tensor], batch_size: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
     """Batches of ``batch_size`` samples on ``device``, as keyword arguments of the model call.
 
-    With an attention mask, each batch is cut after the last position where any of its samples has
-    a real token: a tokenizer pads every sample to the longest of the whole calibration set, and
-    the columns after that are padding in every row of the batch, which costs forward passes and
-    adds nothing (padding never enters the Hessians). Sorting the samples by length before calling
-    the driver leaves the least padding.
+    With an attention mask, each batch is cut after its last real token (:func:`prune.trimmed_batches`):
+    a tokenizer pads every sample to the longest of the whole calibration set, and those columns
+    cost forward passes and add nothing (padding never enters the Hessians). Sorting the samples by
+    length before calling the driver leaves the least padding.
     """
-    n = len(columns["input_ids"])
-    batches = []
-    for i in range(0, n, batch_size):
-        batch = {name: value[i : i + batch_size] for name, value in columns.items()}
-        mask = batch.get("attention_mask")
-        if mask is not None:
-            end = int(mask.any(dim=0).nonzero().max()) + 1  # (validated: every sample has a real token)
-            batch = {name: value[:, :end] for name, value in batch.items()}
-        batches.append({name: value.to(device) for name, value in batch.items()})
-    return batches
+    if "attention_mask" in columns:
+        batches = prune.trimmed_batches(columns, batch_size)
+    else:
+        batches = [{name: value[i : i + batch_size] for name, value in columns.items()} for i in range(0, len(columns["input_ids"]), batch_size)]
+    return [{name: value.to(device) for name, value in batch.items()} for batch in batches]
 
 
 def _real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:

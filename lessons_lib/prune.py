@@ -818,13 +818,15 @@ def embedding_objective(model: nn.Module) -> Callable[[tuple[torch.Tensor, ...]]
 
 # ----------------------------------------------------------------------------- batches of sentences
 def trimmed_batches(encoding: Mapping[str, torch.Tensor], batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """A tokenizer's output (padded to a fixed length) as consecutive batches, each cut to its
-    longest real sequence: the same tokens, less padding to compute."""
+    """A tokenizer's output (padded to a fixed length) as consecutive batches, each cut after the
+    last position where any of its rows has a real token: the same tokens, less padding to
+    compute (sort the rows by length first to leave the least)."""
     require(is_int(batch_size) and batch_size >= 1, f"batch_size must be an int >= 1, got {batch_size!r}")
     mask = encoding["attention_mask"]  # (N, T)
     out = []
     for i in range(0, len(mask), batch_size):
-        T = int(mask[i : i + batch_size].sum(1).max())
+        real = mask[i : i + batch_size].any(dim=0).nonzero()
+        T = int(real.max()) + 1 if len(real) else 0
         out.append({k: v[i : i + batch_size, :T] for k, v in encoding.items()})
     return out
 

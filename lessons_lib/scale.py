@@ -247,6 +247,20 @@ def _lm_loss(output: Any, targets: Any) -> Any:
     return F.cross_entropy(output.logits.flatten(0, 1), targets.flatten())
 
 
+def _prepare_qat_(model: "nn.Module", bits: int) -> None:
+    """Lesson 04's LM QAT set-up: fake-quantized weights (``bits``) in every decoder-layer Linear."""
+    from lessons_lib import qat
+
+    qat.prepare_(model, qat.weight_config(bits), None, layers=[n for n in qat.quantizable_layers(model) if ".layers." in n])
+
+
+def _qat_schedule(steps: int):
+    """Lesson 04's LM QAT learning-rate factor: a tenth of the steps warm-up, decay by 10x at two thirds."""
+    from lessons_lib import training
+
+    return training.warmup_step_decay(steps, steps // 10, max(1, 2 * steps // 3))
+
+
 def train(config: ScaleConfig, accelerator: "Accelerator | None" = None,
           on_step: Callable[[int, float], Any] | None = None) -> tuple["nn.Module", dict[str, list[float]]]:
     """Build the task's model and train it; the body of every launched process.
@@ -291,8 +305,8 @@ def train(config: ScaleConfig, accelerator: "Accelerator | None" = None,
                                grad_clip=cfg.grad_clip, on_step=on_step, desc="distill", accelerator=accelerator)
         return student, history
     model = teacher
-    qat.prepare_(model, qat.weight_config(config.bits), None, layers=[n for n in qat.quantizable_layers(model) if ".layers." in n])
-    schedule = training.warmup_step_decay(steps, steps // 10, max(1, 2 * steps // 3))
+    _prepare_qat_(model, config.bits)
+    schedule = _qat_schedule(steps)
     if accelerator is None:
         return model, qat.fine_tune(model, batches, steps, lr, schedule, loss_fn=_lm_loss, optimizer="adamw", desc="QAT")
     model.train()  # as qat.fine_tune
@@ -421,7 +435,7 @@ def training_step(config: ScaleConfig, device: str = "cpu") -> Callable[[int], f
         objective: Any = distill.Distiller(student, teacher, cfg)
         grad_clip, weight_decay = cfg.grad_clip, cfg.weight_decay
     else:
-        qat.prepare_(teacher, qat.weight_config(config.bits), None, layers=[n for n in qat.quantizable_layers(teacher) if ".layers." in n])
+        _prepare_qat_(teacher, config.bits)
         objective = training.Supervised(teacher, _lm_loss)
     objective.train()
     params = [p for p in objective.parameters() if p.requires_grad]
@@ -464,13 +478,13 @@ def qat_sliced(config: ScaleConfig, slices: int, fake_quant: bool = True) -> tup
     model = zoo.load_teacher("lm")
     ids = data.lm_tokens("train")
     batches = data.lm_windows(ids, config.block, config.batch_size, torch.Generator().manual_seed(config.seed))
-    qat.prepare_(model, qat.weight_config(config.bits), None, layers=[n for n in qat.quantizable_layers(model) if ".layers." in n])
+    _prepare_qat_(model, config.bits)
     if not fake_quant:
         for m in model.modules():
             if isinstance(m, qat.QAT_TYPES):
                 m.set_quantization(False)
     steps, lr = config.steps, config.learning_rate
-    schedule = training.warmup_step_decay(steps, steps // 10, max(1, 2 * steps // 3))
+    schedule = _qat_schedule(steps)
     objective = _sliced(training.Supervised(model, _lm_loss), slices)
     model.train()
     history = training.run(objective, batches, steps, lambda step: lr * schedule(step),

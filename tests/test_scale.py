@@ -154,10 +154,6 @@ def test_run_with_an_accelerator_needs_a_module_objective_that_owns_params(one_p
 
 
 # ----------------------------------------------------------------------------- two processes (torchrun, gloo)
-def _max_relative_difference(a: dict, b: dict) -> float:
-    """max over tensors of ||a - b|| / ||b||."""
-    assert set(a) == set(b)
-    return max(float((a[k].float() - b[k].float()).norm() / b[k].float().norm().clamp_min(1e-30)) for k in b)
 
 
 def test_two_processes_give_the_one_process_weights(tmp_path):
@@ -170,7 +166,7 @@ def test_two_processes_give_the_one_process_weights(tmp_path):
     assert summary["processes"] == 2 and summary["distributed_type"] == "MULTI_CPU" and summary["steps"] == 3
     two = scale.load_weights(tmp_path / "two")
     one = {k: v.detach() for k, v in student.state_dict().items()}
-    assert _max_relative_difference(two, one) < 1e-5
+    assert scale.max_relative_difference(two, one) < 1e-5
     assert summary["history"]["loss"] == pytest.approx(history["loss"], rel=1e-5)
 
 
