@@ -132,8 +132,8 @@ def pack_tied_embeddings_(model: nn.Module, bits: int = 8, group_size: int | Non
     """Round a Hugging Face model's tied embedding table to ``bits`` (per row, min-max: the table
     is read by index as well as multiplied, so GPTQ's Hessian does not apply to it) and store it
     once, packed, for both the input embeddings and the output head. In a small LM this table is
-    a large share of the bytes (the course's 12-layer LM: 16% in FP32, more after its decoder
-    layers are quantized). Returns the quantized table.
+    a large share of the bytes, the more so once the decoder layers are quantized (lesson 09
+    measures it). Returns the quantized table.
 
     Raises:
         ValueError: the model's input embeddings and output head are not the same tensor.
